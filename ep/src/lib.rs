@@ -1,0 +1,1 @@
+//! MoE expert-parallel dispatch/combine on the kvmesh engine.

@@ -1,0 +1,190 @@
+//! Peer descriptors: how to reach an engine, and the versioned encoding used
+//! for every descriptor that crosses a process boundary.
+//!
+//! A descriptor carries the data-plane secret. Whoever holds it can read and
+//! write the engine's registered regions, so hand it only to cluster members
+//! (the p2p store sends it inside its pre-shared-key network).
+
+use std::net::SocketAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Version of the descriptor encoding; bumped on incompatible change.
+pub const DESC_VERSION: u16 = 1;
+const DESC_MAGIC: [u8; 2] = *b"KM";
+/// Largest descriptor we accept from outside.
+pub const MAX_DESC_BYTES: usize = 64 * 1024;
+
+/// Identity of an engine instance (random per process start).
+pub type EngineId = [u8; 16];
+
+/// How to reach one engine.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerDesc {
+    /// Random per engine start; also tells a restarted peer from the old one.
+    pub engine_id: EngineId,
+    /// Same value on two engines iff they share a host *and* a network
+    /// namespace (boot id + netns inode), i.e. `shm` can work between them.
+    pub host_id: String,
+    /// TCP data-plane listen addresses.
+    pub tcp: Vec<SocketAddr>,
+    /// Abstract unix-socket name of the `shm` control channel, if enabled.
+    pub shm: Option<String>,
+    /// Number of TCP connections the peer suggests per initiator.
+    pub tcp_conns: u16,
+    /// Data-plane secret; proves the holder was handed this descriptor.
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for PeerDesc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerDesc")
+            .field("engine_id", &hex_encode(&self.engine_id))
+            .field("host_id", &self.host_id)
+            .field("tcp", &self.tcp)
+            .field("shm", &self.shm)
+            .field("tcp_conns", &self.tcp_conns)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl PeerDesc {
+    /// Versioned binary encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+
+    /// Decodes [`PeerDesc::to_bytes`] output.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        decode_versioned(b)
+    }
+
+    /// Short printable id (first 8 bytes of the engine id in hex).
+    pub fn short_id(&self) -> String {
+        hex_encode(&self.engine_id[..8])
+    }
+}
+
+pub(crate) fn encode_versioned<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(&DESC_MAGIC);
+    out.extend_from_slice(&DESC_VERSION.to_le_bytes());
+    // Serialising plain structs into a Vec cannot fail.
+    out.extend_from_slice(&postcard::to_allocvec(v).unwrap_or_default());
+    out
+}
+
+pub(crate) fn decode_versioned<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+    if b.len() > MAX_DESC_BYTES {
+        return Err(Error::BadDescriptor(format!(
+            "{} bytes, more than the {MAX_DESC_BYTES} allowed",
+            b.len()
+        )));
+    }
+    if b.len() < 4 || b[..2] != DESC_MAGIC {
+        return Err(Error::BadDescriptor(
+            "not a kvmesh descriptor (bad magic)".into(),
+        ));
+    }
+    let version = u16::from_le_bytes([b[2], b[3]]);
+    if version != DESC_VERSION {
+        return Err(Error::BadDescriptor(format!(
+            "descriptor version {version}, this build understands {DESC_VERSION}"
+        )));
+    }
+    postcard::from_bytes(&b[4..]).map_err(|e| Error::BadDescriptor(format!("decode: {e}")))
+}
+
+pub(crate) fn hex_encode(b: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(HEX[(x >> 4) as usize] as char);
+        s.push(HEX[(x & 15) as usize] as char);
+    }
+    s
+}
+
+pub(crate) fn hex_decode(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 2 * MAX_DESC_BYTES {
+        return Err(Error::BadDescriptor(
+            "hex text of odd or excessive length".into(),
+        ));
+    }
+    let nib = |c: u8| -> Result<u8> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(Error::BadDescriptor(format!(
+                "non-hex character {:?}",
+                c as char
+            ))),
+        }
+    };
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?))
+        .collect()
+}
+
+/// This process's host identity: boot id plus network-namespace inode, so two
+/// processes in different namespaces of one machine count as different hosts
+/// (they cannot reach each other's abstract unix sockets).
+pub fn local_host_id() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown-boot".into());
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    format!("{boot}/{netns}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PeerDesc {
+        PeerDesc {
+            engine_id: [7; 16],
+            host_id: local_host_id(),
+            tcp: vec!["127.0.0.1:4000".parse().unwrap()],
+            shm: Some("kvmesh-x".into()),
+            tcp_conns: 2,
+            secret: [9; 32],
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_version_check() {
+        let d = sample();
+        let b = d.to_bytes();
+        assert_eq!(PeerDesc::from_bytes(&b).unwrap(), d);
+        let mut wrong = b.clone();
+        wrong[2] = 99;
+        let err = PeerDesc::from_bytes(&wrong).unwrap_err().to_string();
+        assert!(err.contains("version 99"), "{err}");
+        assert!(PeerDesc::from_bytes(&b[..3]).is_err());
+        assert!(PeerDesc::from_bytes(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn hex_roundtrip_and_garbage() {
+        let b = sample().to_bytes();
+        assert_eq!(hex_decode(&hex_encode(&b)).unwrap(), b);
+        assert!(hex_decode("zz").is_err());
+        assert!(hex_decode("abc").is_err());
+    }
+
+    #[test]
+    fn debug_hides_secret() {
+        let s = format!("{:?}", sample());
+        assert!(s.contains("redacted") && !s.contains("9, 9"));
+    }
+}

@@ -1,0 +1,891 @@
+//! The engine: one per process. Owns registered memory, the listeners, the
+//! peer connections and the I/O runtime; turns batches into slices (see
+//! [`crate::plan`]) and hands them to the transports.
+//!
+//! ```text
+//!  submit(ops) --validate--> plan per (peer, transport) --> tcp lanes  --> peer's tcp server
+//!       |                                              \--> shm copies --> peer's memfd pages
+//!       +--> deadline timer (abort + tear down stalled lanes)
+//!  all slices terminal --> notifications (if any) --> batch complete --> poll / wait
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use crate::batch::{Batch, BatchOptions, BatchState, Op};
+use crate::desc::{local_host_id, EngineId, PeerDesc};
+use crate::error::{Error, ErrorKind, Result};
+use crate::memory::{InUse, MemoryKind, Region, RegionDesc, RegionId, RegionInner};
+use crate::plan::{plan, OpSpan};
+use crate::shm::{self, CopyJob, ShmPeer};
+use crate::tcp::{self, Lane, LaneJob};
+use crate::wire::MAX_NOTIFY_BYTES;
+
+/// Which transport an initiator uses for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// TCP to every peer.
+    Tcp,
+    /// Shared memory only; peers on other hosts (or regions that are not
+    /// shareable) are refused with `Unreachable`.
+    Shm,
+    /// `shm` for same-host peers and shareable regions, else `tcp`.
+    Auto,
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(TransportKind::Tcp),
+            "shm" => Ok(TransportKind::Shm),
+            "auto" => Ok(TransportKind::Auto),
+            _ => Err(Error::Invalid(format!(
+                "unknown transport {s:?} (expected tcp, shm or auto)"
+            ))),
+        }
+    }
+}
+
+/// Engine configuration. `Default` gives loopback-only listening; set
+/// `tcp_listen` to a routable address for a real cluster.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Transport used when this engine initiates.
+    pub transport: TransportKind,
+    /// TCP data-plane listen address (`0.0.0.0:0` advertises every IPv4
+    /// interface address).
+    pub tcp_listen: SocketAddr,
+    /// TCP connections per peer (lanes a large batch is spread over).
+    pub tcp_conns: u16,
+    /// Largest piece of an operation sent as one request.
+    pub slice_size: u64,
+    /// Serve the `shm` channel (same-host peers).
+    pub shm: bool,
+    /// Threads that run `shm` copies of large batches.
+    pub shm_threads: usize,
+    /// `shm` batches up to this many bytes are copied inside `submit`.
+    pub shm_inline_bytes: u64,
+    /// Deadline of a batch when its options give none.
+    pub default_timeout: Duration,
+    /// Worker threads of the engine's I/O runtime.
+    pub io_threads: usize,
+    /// Batches queued per lane before `submit` answers `Busy`.
+    pub lane_queue: usize,
+    /// Requests in flight per lane.
+    pub lane_inflight: usize,
+    /// Notifications buffered before senders are slowed down.
+    pub notify_queue: usize,
+    /// Incoming data connections accepted at once.
+    pub max_server_conns: usize,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            transport: TransportKind::Auto,
+            tcp_listen: "127.0.0.1:0".parse().expect("literal address"),
+            tcp_conns: 2,
+            slice_size: 1 << 20,
+            shm: true,
+            shm_threads: 2,
+            shm_inline_bytes: 256 << 10,
+            default_timeout: Duration::from_secs(30),
+            io_threads: 2,
+            lane_queue: 1024,
+            lane_inflight: 256,
+            notify_queue: 4096,
+            max_server_conns: 1024,
+            connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A message delivered after all bytes of a batch landed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Engine id of the sender.
+    pub from: EngineId,
+    pub data: Vec<u8>,
+}
+
+/// Handle of a peer engine inside this engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer#{}", self.0)
+    }
+}
+
+/// State shared by the engine and its background tasks.
+pub(crate) struct Shared {
+    pub(crate) desc: Arc<PeerDesc>,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) regions: RwLock<HashMap<RegionId, Arc<RegionInner>>>,
+    notify_tx: mpsc::Sender<Notification>,
+    pub(crate) server_conns: AtomicUsize,
+    pub(crate) shm_conns: Mutex<HashMap<u64, Arc<shm::ServerConn>>>,
+    copy_tx: crossbeam_channel::Sender<CopyJob>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Shared {
+    pub(crate) fn rt_handle(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// Looks a region up and checks a request against it (serving side).
+    pub(crate) fn checked_region(
+        &self,
+        region: RegionId,
+        offset: u64,
+        len: u64,
+    ) -> Result<InUse, ErrorKind> {
+        let r = self
+            .regions
+            .read()
+            .get(&region)
+            .cloned()
+            .ok_or(ErrorKind::UnknownRegion)?;
+        if !r.kind.is_host() {
+            return Err(ErrorKind::Unreachable);
+        }
+        r.check("remote request", offset, len)
+            .map_err(|e| e.kind())?;
+        Ok(InUse::new(r))
+    }
+
+    /// Queues an incoming notification; waits (back-pressuring the sender's
+    /// connection) while the queue is full.
+    pub(crate) async fn deliver(&self, n: Notification) {
+        let _ = self.notify_tx.send(n).await;
+    }
+}
+
+struct Peer {
+    desc: PeerDesc,
+    same_host: bool,
+    lanes: Mutex<Vec<Option<Arc<Lane>>>>,
+    shm: Mutex<Option<Arc<ShmPeer>>>,
+    shm_connect: tokio::sync::Mutex<()>,
+}
+
+impl Peer {
+    fn lane(&self, shared: &Arc<Shared>, i: usize) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock();
+        match &lanes[i] {
+            Some(l) if !l.is_dead() => l.clone(),
+            _ => {
+                let l = Lane::start(shared, &self.desc);
+                lanes[i] = Some(l.clone());
+                l
+            }
+        }
+    }
+
+    fn shm_ready(&self) -> Option<Arc<ShmPeer>> {
+        self.shm
+            .lock()
+            .as_ref()
+            .filter(|p| !p.dead.load(SeqCst))
+            .cloned()
+    }
+
+    async fn shm_peer(&self, shared: &Arc<Shared>) -> Result<Arc<ShmPeer>, ErrorKind> {
+        let _g = self.shm_connect.lock().await;
+        if let Some(p) = self.shm_ready() {
+            return Ok(p);
+        }
+        let p = ShmPeer::connect(shared, &self.desc).await?;
+        *self.shm.lock() = Some(p.clone());
+        Ok(p)
+    }
+}
+
+struct EngineInner {
+    shared: Arc<Shared>,
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
+    peers: RwLock<HashMap<PeerId, Arc<Peer>>>,
+    by_engine: Mutex<HashMap<EngineId, PeerId>>,
+    next_peer: AtomicU64,
+    next_region: AtomicU64,
+    next_batch: AtomicU64,
+    notify_rx: tokio::sync::Mutex<mpsc::Receiver<Notification>>,
+    local_addr: SocketAddr,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The transfer engine. Cheap to clone; all clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("id", &self.inner.shared.desc.short_id())
+            .field("tcp", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+/// Where a group of ops goes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Route {
+    Tcp(PeerId),
+    Shm(PeerId),
+}
+
+impl Engine {
+    /// Starts an engine: binds the TCP listener (and the shm socket), starts
+    /// the I/O runtime and the copy threads.
+    pub fn new(cfg: EngineConfig) -> Result<Engine> {
+        if cfg.slice_size == 0 || cfg.slice_size > tcp::MAX_SLICE_BYTES {
+            return Err(Error::Invalid(format!(
+                "slice_size must be in 1..={} bytes, got {}",
+                tcp::MAX_SLICE_BYTES,
+                cfg.slice_size
+            )));
+        }
+        if cfg.tcp_conns == 0
+            || cfg.io_threads == 0
+            || cfg.lane_queue == 0
+            || cfg.lane_inflight == 0
+        {
+            return Err(Error::Invalid(
+                "tcp_conns, io_threads, lane_queue and lane_inflight must be > 0".into(),
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.io_threads)
+            .thread_name("kvmesh-io")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting I/O runtime", e))?;
+        let engine_id: EngineId = rand::random();
+        let std_listener = std::net::TcpListener::bind(cfg.tcp_listen)
+            .map_err(|e| Error::io(format!("binding {}", cfg.tcp_listen), e))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("listener", e))?;
+        let local_addr = std_listener
+            .local_addr()
+            .map_err(|e| Error::io("listener", e))?;
+        let shm_name = format!("kvmesh-{}", crate::desc::hex_encode(&engine_id));
+        let shm_listener = if cfg.shm {
+            Some(
+                shm::bind(&shm_name)
+                    .map_err(|e| Error::io(format!("binding shm socket {shm_name}"), e))?,
+            )
+        } else {
+            None
+        };
+        let desc = PeerDesc {
+            engine_id,
+            host_id: local_host_id(),
+            tcp: tcp::advertise_addrs(local_addr),
+            shm: cfg.shm.then_some(shm_name),
+            tcp_conns: cfg.tcp_conns,
+            secret: rand::random(),
+        };
+        let (notify_tx, notify_rx) = mpsc::channel(cfg.notify_queue.max(1));
+        let shared = Arc::new(Shared {
+            desc: Arc::new(desc),
+            cfg: cfg.clone(),
+            regions: RwLock::new(HashMap::new()),
+            notify_tx,
+            server_conns: AtomicUsize::new(0),
+            shm_conns: Mutex::new(HashMap::new()),
+            copy_tx: shm::start_copy_threads(cfg.shm_threads),
+            rt: rt.handle().clone(),
+        });
+        {
+            let _g = rt.enter();
+            let l = tokio::net::TcpListener::from_std(std_listener)
+                .map_err(|e| Error::io("listener", e))?;
+            rt.spawn(tcp::serve(l, shared.clone()));
+            if let Some(l) = shm_listener {
+                let l = tokio::net::UnixListener::from_std(l)
+                    .map_err(|e| Error::io("shm listener", e))?;
+                rt.spawn(shm::serve(l, shared.clone()));
+            }
+        }
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                shared,
+                rt: Mutex::new(Some(rt)),
+                peers: RwLock::new(HashMap::new()),
+                by_engine: Mutex::new(HashMap::new()),
+                next_peer: AtomicU64::new(1),
+                next_region: AtomicU64::new(1),
+                next_batch: AtomicU64::new(1),
+                notify_rx: tokio::sync::Mutex::new(notify_rx),
+                local_addr,
+            }),
+        })
+    }
+
+    /// This engine's descriptor (contains the data-plane secret).
+    pub fn descriptor(&self) -> PeerDesc {
+        (*self.inner.shared.desc).clone()
+    }
+
+    /// The bound TCP data-plane address.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    fn add_region(&self, inner: RegionInner) -> Region {
+        let inner = Arc::new(inner);
+        self.shared()
+            .regions
+            .write()
+            .insert(inner.id, inner.clone());
+        Region {
+            inner,
+            peer: self.shared().desc.clone(),
+        }
+    }
+
+    /// Allocates and registers `len` bytes of engine-owned memory.
+    ///
+    /// Host kinds are backed by a memfd, so same-host peers reach them over
+    /// `shm`. `HostPinned` is additionally locked in RAM. GPU memory needs
+    /// the `cuda` feature and a driver.
+    pub fn alloc(&self, len: u64, kind: MemoryKind) -> Result<Region> {
+        if let MemoryKind::Gpu { device } = kind {
+            return Err(Error::NoCuda(format!(
+                "cannot allocate {len} bytes on GPU {device}: this engine has no CUDA support"
+            )));
+        }
+        let id = self.inner.next_region.fetch_add(1, SeqCst);
+        Ok(self.add_region(RegionInner::alloc_memfd(id, len, kind)?))
+    }
+
+    /// Registers caller-owned memory. Reachable over `tcp` (not `shm`).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid for reads and writes from any thread
+    /// until [`Engine::deregister`] for this region has returned `Ok`.
+    pub unsafe fn register(&self, ptr: *mut u8, len: u64, kind: MemoryKind) -> Result<Region> {
+        if let MemoryKind::Gpu { device } = kind {
+            return Err(Error::NoCuda(format!(
+                "cannot register GPU {device} memory: this engine has no CUDA support"
+            )));
+        }
+        let id = self.inner.next_region.fetch_add(1, SeqCst);
+        // SAFETY: forwarded from the caller's contract.
+        let inner = unsafe { RegionInner::external(id, ptr, len, kind) }?;
+        Ok(self.add_region(inner))
+    }
+
+    /// Deregisters a region: new requests for it fail with `UnknownRegion`;
+    /// same-host initiators are told to unmap it; then waits (up to
+    /// `timeout`) for operations in flight on it to finish. Blocks the
+    /// calling thread. After `Ok`, the engine no longer touches the memory.
+    pub fn deregister(&self, region: &Region, timeout: Duration) -> Result<()> {
+        let id = region.id();
+        let removed = self.shared().regions.write().remove(&id);
+        if removed.is_none() {
+            return Err(Error::UnknownRegion(id));
+        }
+        let deadline = Instant::now() + timeout;
+        if region.is_shareable() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sh = self.shared().clone();
+            self.shared().rt.spawn(async move {
+                let _ = tx.send(shm::revoke(&sh, id, deadline).await);
+            });
+            match rx.recv_timeout(timeout) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(region = id, "{n} shm peers did not acknowledge the revoke")
+                }
+                Err(_) => tracing::warn!(region = id, "shm revoke did not finish in time"),
+            }
+        }
+        while region.inner.inflight() > 0 {
+            if Instant::now() >= deadline {
+                return Err(Error::RegionBusy(id));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Makes a peer known (idempotent per engine id). Connections are made
+    /// lazily by the first batch that needs them.
+    pub fn add_peer(&self, desc: &PeerDesc) -> PeerId {
+        let mut by = self.inner.by_engine.lock();
+        if let Some(id) = by.get(&desc.engine_id) {
+            return *id;
+        }
+        let id = PeerId(self.inner.next_peer.fetch_add(1, SeqCst));
+        let lanes = desc.tcp_conns.clamp(1, 64).min(self.shared().cfg.tcp_conns) as usize;
+        let peer = Peer {
+            desc: desc.clone(),
+            same_host: desc.host_id == self.shared().desc.host_id,
+            lanes: Mutex::new(vec![None; lanes]),
+            shm: Mutex::new(None),
+            shm_connect: tokio::sync::Mutex::new(()),
+        };
+        self.inner.peers.write().insert(id, Arc::new(peer));
+        by.insert(desc.engine_id, id);
+        id
+    }
+
+    /// Forgets a peer and closes its connections; batches in flight to it fail.
+    pub fn remove_peer(&self, id: PeerId) {
+        let p = self.inner.peers.write().remove(&id);
+        if let Some(p) = p {
+            self.inner.by_engine.lock().remove(&p.desc.engine_id);
+            for l in p.lanes.lock().iter().flatten() {
+                l.shutdown();
+            }
+        }
+    }
+
+    /// Imports a peer's region descriptor for use in [`Op`]s.
+    pub fn import(&self, desc: &RegionDesc) -> crate::RemoteRegion {
+        let peer = self.add_peer(&desc.peer);
+        crate::RemoteRegion {
+            peer,
+            region: desc.region,
+            len: desc.len,
+            shareable: desc.shareable,
+        }
+    }
+
+    fn peer(&self, id: PeerId) -> Result<Arc<Peer>> {
+        self.inner
+            .peers
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(Error::UnknownPeer(id.0))
+    }
+
+    fn route(&self, peer: &Peer, id: PeerId, op: &Op) -> Result<Route> {
+        let shm_ok = peer.same_host && peer.desc.shm.is_some() && op.remote.shareable;
+        match self.shared().cfg.transport {
+            TransportKind::Tcp => Ok(Route::Tcp(id)),
+            TransportKind::Auto if shm_ok => Ok(Route::Shm(id)),
+            TransportKind::Auto => Ok(Route::Tcp(id)),
+            TransportKind::Shm if shm_ok => Ok(Route::Shm(id)),
+            TransportKind::Shm => Err(Error::Unsupported(format!(
+                "shm cannot reach region {} of {id}: {}",
+                op.remote.region,
+                if !peer.same_host {
+                    "peer is on another host"
+                } else if peer.desc.shm.is_none() {
+                    "peer does not serve shm"
+                } else {
+                    "region is not shareable (registered caller memory)"
+                }
+            ))),
+        }
+    }
+
+    /// Submits a batch of one-sided operations; never blocks on the network
+    /// (small same-host `shm` batches are copied before it returns).
+    ///
+    /// Errors here are about the request itself (unknown region or peer,
+    /// out of bounds, unreachable); transfer failures are reported by the
+    /// returned [`Batch`].
+    pub fn submit(&self, ops: &[Op], opts: BatchOptions) -> Result<Batch> {
+        if ops.is_empty() {
+            return Err(Error::Invalid(
+                "empty batch (use Engine::notify for a notification without data)".into(),
+            ));
+        }
+        self.submit_inner(ops, opts, Vec::new())
+    }
+
+    /// Sends a notification alone to `peer`; the returned batch completes
+    /// once the peer has queued it.
+    pub fn notify(&self, peer: PeerId, data: Vec<u8>, timeout: Option<Duration>) -> Result<Batch> {
+        self.peer(peer)?;
+        self.submit_inner(
+            &[],
+            BatchOptions {
+                timeout,
+                notify: Some(data),
+            },
+            vec![peer],
+        )
+    }
+
+    fn submit_inner(
+        &self,
+        ops: &[Op],
+        opts: BatchOptions,
+        extra_notify: Vec<PeerId>,
+    ) -> Result<Batch> {
+        let sh = self.shared();
+        if let Some(n) = &opts.notify {
+            if n.len() as u64 > MAX_NOTIFY_BYTES {
+                return Err(Error::Invalid(format!(
+                    "notification of {} bytes exceeds {MAX_NOTIFY_BYTES}",
+                    n.len()
+                )));
+            }
+        }
+        let regions = sh.regions.read();
+        let mut locals: Vec<InUse> = Vec::new();
+        let mut local_index: HashMap<RegionId, u32> = HashMap::new();
+        let mut op_local = Vec::with_capacity(ops.len());
+        let mut peers: HashMap<PeerId, Arc<Peer>> = HashMap::new();
+        let mut groups: Vec<(Route, Vec<usize>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if op.len == 0 {
+                return Err(Error::Invalid(format!("op {i} has length 0")));
+            }
+            let idx = match local_index.get(&op.local) {
+                Some(&x) => x,
+                None => {
+                    let r = regions
+                        .get(&op.local)
+                        .ok_or(Error::UnknownRegion(op.local))?;
+                    locals.push(InUse::new(r.clone()));
+                    local_index.insert(op.local, (locals.len() - 1) as u32);
+                    (locals.len() - 1) as u32
+                }
+            };
+            let l = &locals[idx as usize];
+            if !l.kind.is_host() {
+                return Err(Error::NoCuda(format!(
+                    "op {i}: local region is {} memory",
+                    l.kind
+                )));
+            }
+            l.check("local range", op.local_offset, op.len)?;
+            if op
+                .remote_offset
+                .checked_add(op.len)
+                .is_none_or(|e| e > op.remote.len)
+            {
+                return Err(Error::OutOfBounds {
+                    what: "remote range",
+                    offset: op.remote_offset,
+                    len: op.len,
+                    region_len: op.remote.len,
+                });
+            }
+            op_local.push(idx);
+            let peer = match peers.get(&op.remote.peer) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = self.peer(op.remote.peer)?;
+                    peers.insert(op.remote.peer, p.clone());
+                    p
+                }
+            };
+            let route = self.route(&peer, op.remote.peer, op)?;
+            match groups.iter_mut().find(|g| g.0 == route) {
+                Some(g) => g.1.push(i),
+                None => groups.push((route, vec![i])),
+            }
+        }
+        drop(regions);
+
+        // Plan each group; slice indices are global to the batch.
+        let mut slices = Vec::new();
+        let mut group_ranges = Vec::with_capacity(groups.len());
+        for (route, idx) in &groups {
+            let spans: Vec<OpSpan> = idx
+                .iter()
+                .map(|&i| OpSpan {
+                    local_offset: ops[i].local_offset,
+                    remote_offset: ops[i].remote_offset,
+                    len: ops[i].len,
+                })
+                .collect();
+            let lanes = match route {
+                Route::Tcp(p) => peers[p].lanes.lock().len() as u16,
+                Route::Shm(_) => 1,
+            };
+            let start = slices.len();
+            for mut s in plan(&spans, sh.cfg.slice_size, lanes) {
+                s.op = idx[s.op as usize] as u32;
+                slices.push(s);
+            }
+            group_ranges.push(start..slices.len());
+        }
+        let mut notify_peers: Vec<PeerId> = peers.keys().copied().chain(extra_notify).collect();
+        notify_peers.sort();
+        notify_peers.dedup();
+        let timeout = opts.timeout.unwrap_or(sh.cfg.default_timeout);
+        let state = Arc::new(BatchState::new(
+            self.inner.next_batch.fetch_add(1, SeqCst),
+            Instant::now() + timeout,
+            ops.iter().map(|o| o.kind).collect(),
+            slices,
+            locals,
+            op_local,
+            ops.iter().map(|o| o.remote.region).collect(),
+            opts.notify.clone(),
+            notify_peers,
+        ));
+        if opts.notify.is_some() {
+            let me = self.clone();
+            *state.on_slices_done.lock() =
+                Some(Box::new(move |b: Arc<BatchState>| me.send_notifications(b)));
+        }
+        self.arm_deadline(&state, &groups, &peers);
+        if state.slices.is_empty() {
+            state.all_slices_done();
+        }
+        for ((route, _), range) in groups.iter().zip(group_ranges) {
+            match *route {
+                Route::Tcp(pid) => self.dispatch_tcp(&state, &peers[&pid], range),
+                Route::Shm(pid) => self.dispatch_shm(&state, &peers[&pid], range),
+            }
+        }
+        Ok(Batch { state })
+    }
+
+    fn dispatch_tcp(
+        &self,
+        state: &Arc<BatchState>,
+        peer: &Arc<Peer>,
+        range: std::ops::Range<usize>,
+    ) {
+        let nl = peer.lanes.lock().len();
+        let mut per_lane: Vec<Vec<u32>> = vec![Vec::new(); nl];
+        for i in range {
+            per_lane[state.slices[i].lane as usize].push(i as u32);
+        }
+        for (l, sl) in per_lane.into_iter().enumerate() {
+            if sl.is_empty() {
+                continue;
+            }
+            let lane = peer.lane(self.shared(), l);
+            if let Err((k, LaneJob::Slices { slices, .. })) = lane.try_send(LaneJob::Slices {
+                batch: state.clone(),
+                slices: sl,
+            }) {
+                for i in slices {
+                    state.fail(i as usize, k);
+                }
+            }
+        }
+    }
+
+    fn dispatch_shm(
+        &self,
+        state: &Arc<BatchState>,
+        peer: &Arc<Peer>,
+        range: std::ops::Range<usize>,
+    ) {
+        let idx: Vec<u32> = range.map(|i| i as u32).collect();
+        let sh = self.shared();
+        // Fast path: connected and every region mapped.
+        if let Some(sp) = peer.shm_ready() {
+            let maps: Option<Vec<_>> = idx
+                .iter()
+                .map(|&i| sp.mapping(state.remote_region_of(i as usize)))
+                .collect();
+            if let Some(maps) = maps {
+                run_copies(sh, state, idx, maps, sp);
+                return;
+            }
+        }
+        let (sh2, st, p) = (sh.clone(), state.clone(), peer.clone());
+        sh.rt.spawn(async move {
+            let sp = match p.shm_peer(&sh2).await {
+                Ok(sp) => sp,
+                Err(k) => {
+                    for &i in &idx {
+                        st.fail(i as usize, k);
+                    }
+                    return;
+                }
+            };
+            let mut maps = Vec::with_capacity(idx.len());
+            for &i in &idx {
+                match sp.open(st.remote_region_of(i as usize)).await {
+                    Ok(m) => maps.push(m),
+                    Err(k) => {
+                        for &j in &idx {
+                            st.fail(j as usize, k);
+                        }
+                        return;
+                    }
+                }
+            }
+            run_copies(&sh2, &st, idx, maps, sp);
+        });
+    }
+
+    fn arm_deadline(
+        &self,
+        state: &Arc<BatchState>,
+        groups: &[(Route, Vec<usize>)],
+        peers: &HashMap<PeerId, Arc<Peer>>,
+    ) {
+        let lanes: Vec<Arc<Peer>> = groups
+            .iter()
+            .filter_map(|(r, _)| match r {
+                Route::Tcp(p) => Some(peers[p].clone()),
+                Route::Shm(_) => None,
+            })
+            .collect();
+        // Weak: a completed batch must not stay alive (holding its regions
+        // in use) until its deadline.
+        let st = Arc::downgrade(state);
+        let deadline = state.deadline;
+        self.shared().rt.spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            let Some(st) = st.upgrade() else { return };
+            if st.is_done() {
+                return;
+            }
+            st.abort(ErrorKind::Timeout);
+            if st.busy_slices().next().is_some() {
+                // A slice is stuck mid-transfer: tear its connections down so
+                // the copy into local memory stops and the batch completes.
+                for p in &lanes {
+                    for l in p.lanes.lock().iter().flatten() {
+                        l.shutdown();
+                    }
+                }
+            }
+            if st.remaining() == 0 {
+                // Only the notification step was outstanding.
+                st.notify_result(Err(ErrorKind::Timeout));
+            }
+        });
+    }
+
+    fn send_notifications(&self, b: Arc<BatchState>) {
+        let me = self.clone();
+        self.shared().rt.spawn(async move {
+            let data = b.notify.clone().unwrap_or_default();
+            let mut result = Ok(());
+            for pid in b.notify_peers.clone() {
+                let r = me.notify_one(pid, &data).await;
+                if r.is_err() {
+                    result = r;
+                    break;
+                }
+            }
+            b.notify_result(result);
+        });
+    }
+
+    async fn notify_one(&self, pid: PeerId, data: &[u8]) -> Result<(), ErrorKind> {
+        let peer = self.peer(pid).map_err(|_| ErrorKind::ConnectionLost)?;
+        // Every slice is acknowledged (tcp) or copied (shm) by now, so the
+        // bytes have landed whichever channel carries the notification.
+        if let Some(sp) = peer.shm_ready() {
+            return sp.notify(data).await;
+        }
+        let lane = peer.lane(self.shared(), 0);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lane.try_send(LaneJob::Notify {
+            data: data.to_vec(),
+            done: tx,
+        })
+        .map_err(|(k, _)| k)?;
+        rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
+    }
+
+    /// Takes a received notification, if any (non-blocking).
+    pub fn try_recv_notification(&self) -> Option<Notification> {
+        self.inner.notify_rx.try_lock().ok()?.try_recv().ok()
+    }
+
+    /// Waits for the next notification. Cancel-safe.
+    pub async fn recv_notification(&self) -> Option<Notification> {
+        self.inner.notify_rx.lock().await.recv().await
+    }
+
+    /// Blocks up to `timeout` for the next notification.
+    pub fn recv_notification_timeout(&self, timeout: Duration) -> Option<Notification> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(n) = self.try_recv_notification() {
+                return Some(n);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Number of registered regions.
+    pub fn region_count(&self) -> usize {
+        self.shared().regions.read().len()
+    }
+}
+
+fn run_copies(
+    sh: &Shared,
+    state: &Arc<BatchState>,
+    idx: Vec<u32>,
+    maps: Vec<Arc<shm::Mapping>>,
+    sp: Arc<ShmPeer>,
+) {
+    let bytes: u64 = idx.iter().map(|&i| state.slices[i as usize].len).sum();
+    let threads = sh.cfg.shm_threads.max(1);
+    if bytes <= sh.cfg.shm_inline_bytes || threads == 1 && idx.len() == 1 {
+        shm::copy_slices(state, &idx, &maps, &sp);
+        return;
+    }
+    // Split by bytes into one chunk per copy thread; the caller copies the
+    // first chunk itself rather than sleeping on the others.
+    let per = bytes.div_ceil(threads as u64 + 1);
+    let mut chunks: Vec<(Vec<u32>, Vec<Arc<shm::Mapping>>)> = vec![(Vec::new(), Vec::new())];
+    let mut acc = 0u64;
+    for (i, m) in idx.into_iter().zip(maps) {
+        if acc >= per && chunks.len() <= threads {
+            chunks.push((Vec::new(), Vec::new()));
+            acc = 0;
+        }
+        acc += state.slices[i as usize].len;
+        let c = chunks.last_mut().expect("non-empty");
+        c.0.push(i);
+        c.1.push(m);
+    }
+    let mut it = chunks.into_iter();
+    let mine = it.next();
+    for (slices, maps) in it {
+        let job = CopyJob {
+            batch: state.clone(),
+            slices,
+            maps,
+            peer: sp.clone(),
+        };
+        if let Err(e) = sh.copy_tx.try_send(job) {
+            let job = e.into_inner();
+            shm::copy_slices(&job.batch, &job.slices, &job.maps, &job.peer);
+        }
+    }
+    if let Some((s, m)) = mine {
+        shm::copy_slices(state, &s, &m, &sp);
+    }
+}

@@ -1,0 +1,415 @@
+//! Registered memory: what a region is, how engine-owned memory is allocated,
+//! and the descriptor a peer needs to reach a region.
+//!
+//! Engine-allocated host memory lives in a `memfd` mapped `MAP_SHARED`, so the
+//! `shm` transport can hand the same pages to another process on the host and
+//! let it copy in or out with no help from this process. Memory the caller
+//! registers from its own pointer is reachable over `tcp` (and, for GPU
+//! memory, over the GPU transports) but not over `shm`.
+//!
+//! This module must not depend on any transport.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use serde::{Deserialize, Serialize};
+
+use crate::desc::PeerDesc;
+use crate::error::{Error, Result};
+
+/// Where the bytes of a region live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MemoryKind {
+    /// Ordinary (pageable) host memory.
+    Host,
+    /// Host memory locked in RAM (and registered with CUDA when a driver is
+    /// present) so DMA engines can reach it.
+    HostPinned,
+    /// Host memory in a shared-memory object other processes can map.
+    Shm,
+    /// Memory of the GPU with this ordinal.
+    Gpu { device: u32 },
+}
+
+impl MemoryKind {
+    /// Whether the bytes are addressable by the CPU of this process.
+    pub fn is_host(self) -> bool {
+        !matches!(self, MemoryKind::Gpu { .. })
+    }
+}
+
+impl std::fmt::Display for MemoryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryKind::Host => f.write_str("host"),
+            MemoryKind::HostPinned => f.write_str("host-pinned"),
+            MemoryKind::Shm => f.write_str("shm"),
+            MemoryKind::Gpu { device } => write!(f, "gpu:{device}"),
+        }
+    }
+}
+
+/// Identifier of a region inside one engine.
+pub type RegionId = u64;
+
+enum Backing {
+    /// A memfd mapped by us; unmapped on drop.
+    Memfd { fd: OwnedFd },
+    /// Memory owned by the caller; never freed by us.
+    External,
+}
+
+/// The shared state behind a [`Region`] handle. The memory stays valid for as
+/// long as any `Arc<RegionInner>` lives, which is how in-flight operations
+/// keep a deregistered region's memory alive until they finish.
+pub(crate) struct RegionInner {
+    pub(crate) id: RegionId,
+    ptr: NonNull<u8>,
+    pub(crate) len: u64,
+    pub(crate) kind: MemoryKind,
+    backing: Backing,
+    locked: bool,
+    /// Operations currently using the memory (see [`InUse`]).
+    inflight: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: `ptr` points to memory that this value keeps alive (memfd mapping)
+// or that the caller promised to keep alive until deregistration completes
+// (`Engine::register`). The engine only touches it through raw-pointer copies;
+// concurrent access by the caller to bytes in flight is the documented
+// one-sided contract (as with RDMA), never a use-after-free.
+unsafe impl Send for RegionInner {}
+// SAFETY: see `Send`; shared references only hand out the raw pointer.
+unsafe impl Sync for RegionInner {}
+
+impl std::fmt::Debug for RegionInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &self.id)
+            .field("len", &self.len)
+            .field("kind", &self.kind)
+            .field("shareable", &self.memfd().is_some())
+            .finish()
+    }
+}
+
+impl RegionInner {
+    /// Allocates `len` bytes of engine-owned, shareable host memory.
+    pub(crate) fn alloc_memfd(id: RegionId, len: u64, kind: MemoryKind) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::Invalid("region length must be > 0".into()));
+        }
+        let name = c"kvmesh-region";
+        // SAFETY: FFI call with a valid NUL-terminated name.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: FFI call on a descriptor we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(Error::io(
+                "ftruncate memfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let ptr = map_shared(&fd, len, true)?;
+        let mut inner = RegionInner {
+            id,
+            ptr,
+            len,
+            kind,
+            backing: Backing::Memfd { fd },
+            locked: false,
+            inflight: Default::default(),
+        };
+        if kind == MemoryKind::HostPinned {
+            inner.lock()?;
+        }
+        Ok(inner)
+    }
+
+    /// Wraps caller-owned memory.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid for reads and writes until the region
+    /// is deregistered and that call has returned.
+    pub(crate) unsafe fn external(
+        id: RegionId,
+        ptr: *mut u8,
+        len: u64,
+        kind: MemoryKind,
+    ) -> Result<Self> {
+        let ptr = NonNull::new(ptr).ok_or_else(|| Error::Invalid("null region pointer".into()))?;
+        if len == 0 {
+            return Err(Error::Invalid("region length must be > 0".into()));
+        }
+        let mut inner = RegionInner {
+            id,
+            ptr,
+            len,
+            kind,
+            backing: Backing::External,
+            locked: false,
+            inflight: Default::default(),
+        };
+        if kind == MemoryKind::HostPinned {
+            inner.lock()?;
+        }
+        Ok(inner)
+    }
+
+    fn lock(&mut self) -> Result<()> {
+        // SAFETY: the range is valid memory of this region.
+        if unsafe { libc::mlock(self.ptr.as_ptr().cast(), self.len as usize) } != 0 {
+            return Err(Error::io(
+                format!(
+                    "mlock of {} bytes for pinned region (check RLIMIT_MEMLOCK)",
+                    self.len
+                ),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        self.locked = true;
+        Ok(())
+    }
+
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn memfd(&self) -> Option<&OwnedFd> {
+        match &self.backing {
+            Backing::Memfd { fd } => Some(fd),
+            Backing::External => None,
+        }
+    }
+
+    /// Checks `offset..offset+len` against the region.
+    pub(crate) fn check(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::OutOfBounds {
+                what,
+                offset,
+                len,
+                region_len: self.len,
+            }),
+        }
+    }
+}
+
+impl RegionInner {
+    /// Operations currently using the memory.
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Marks a region as used by an operation for as long as it lives;
+/// deregistration waits until no `InUse` remains.
+#[derive(Debug)]
+pub(crate) struct InUse(std::sync::Arc<RegionInner>);
+
+impl InUse {
+    pub(crate) fn new(r: std::sync::Arc<RegionInner>) -> Self {
+        r.inflight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InUse(r)
+    }
+}
+
+impl std::ops::Deref for InUse {
+    type Target = RegionInner;
+    fn deref(&self) -> &RegionInner {
+        &self.0
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for RegionInner {
+    fn drop(&mut self) {
+        if self.locked {
+            // SAFETY: the range was locked by us and is still mapped.
+            unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len as usize) };
+        }
+        if let Backing::Memfd { .. } = self.backing {
+            // SAFETY: we mapped exactly this range in `alloc_memfd`; every
+            // user of the pointer holds an `Arc` to us, so none remain.
+            let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len as usize) };
+            if rc != 0 {
+                tracing::warn!(
+                    region = self.id,
+                    "munmap failed: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// Maps a shared-memory descriptor read-write.
+pub(crate) fn map_shared(fd: &OwnedFd, len: u64, populate: bool) -> Result<NonNull<u8>> {
+    let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+    // SAFETY: FFI call; a fresh mapping chosen by the kernel aliases nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::io(
+            format!("mmap of {len} bytes"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    NonNull::new(p.cast()).ok_or_else(|| Error::Invalid("mmap returned null".into()))
+}
+
+/// A registered memory region: a cheap, cloneable handle.
+///
+/// The engine moves bytes in and out of the region one-sidedly: while a batch
+/// that touches a range is in flight, the caller must not rely on the bytes
+/// of that range (same contract as RDMA memory regions).
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub(crate) inner: std::sync::Arc<RegionInner>,
+    pub(crate) peer: std::sync::Arc<PeerDesc>,
+}
+
+impl Region {
+    /// The region's id in its engine.
+    pub fn id(&self) -> RegionId {
+        self.inner.id
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+
+    /// Whether the region is empty (never true for a registered region).
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    /// Where the bytes live.
+    pub fn kind(&self) -> MemoryKind {
+        self.inner.kind
+    }
+
+    /// Base address (a device pointer for GPU regions).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.ptr()
+    }
+
+    /// Whether another process on this host can map the region (`shm`).
+    pub fn is_shareable(&self) -> bool {
+        self.inner.memfd().is_some()
+    }
+
+    /// The descriptor a peer needs to reach this region.
+    pub fn desc(&self) -> RegionDesc {
+        RegionDesc {
+            peer: (*self.peer).clone(),
+            region: self.inner.id,
+            len: self.inner.len,
+            kind: self.inner.kind,
+            shareable: self.is_shareable(),
+        }
+    }
+
+    /// Copies `data` into the region at `offset` (host regions only).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.host_check("write_at", offset, data.len() as u64)?;
+        // SAFETY: bounds checked above; the region keeps the memory alive; raw
+        // copy into memory we do not hold a Rust reference to.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.inner.ptr().add(offset as usize),
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies bytes of the region at `offset` into `out` (host regions only).
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        self.host_check("read_at", offset, out.len() as u64)?;
+        // SAFETY: bounds checked above; the region keeps the memory alive.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.inner.ptr().add(offset as usize),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `offset` with `byte` (host regions only).
+    pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<()> {
+        self.host_check("fill", offset, len)?;
+        // SAFETY: bounds checked above.
+        unsafe { std::ptr::write_bytes(self.inner.ptr().add(offset as usize), byte, len as usize) };
+        Ok(())
+    }
+
+    fn host_check(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
+        if !self.inner.kind.is_host() {
+            return Err(Error::Unsupported(format!(
+                "{what} on {} memory",
+                self.inner.kind
+            )));
+        }
+        self.inner.check(what, offset, len)
+    }
+}
+
+/// Everything a peer needs to reach one region: the owning engine's
+/// descriptor plus the region's id, length and kind. Versioned and
+/// serialisable (see [`RegionDesc::to_bytes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionDesc {
+    pub peer: PeerDesc,
+    pub region: RegionId,
+    pub len: u64,
+    pub kind: MemoryKind,
+    /// Reachable through `shm` from the same host.
+    pub shareable: bool,
+}
+
+impl RegionDesc {
+    /// Versioned binary encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        crate::desc::encode_versioned(self)
+    }
+
+    /// Decodes [`RegionDesc::to_bytes`] output; rejects other versions.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        crate::desc::decode_versioned(b)
+    }
+
+    /// Hex text form (for command lines and logs).
+    pub fn to_hex(&self) -> String {
+        crate::desc::hex_encode(&self.to_bytes())
+    }
+
+    /// Parses [`RegionDesc::to_hex`] output.
+    pub fn from_hex(s: &str) -> Result<Self> {
+        Self::from_bytes(&crate::desc::hex_decode(s.trim())?)
+    }
+}

@@ -1,0 +1,572 @@
+//! The `tcp` transport: works between any two hosts.
+//!
+//! Server: one task per accepted connection serves requests in order,
+//! receiving write payloads straight into the registered region and sending
+//! read payloads straight from it (`writev` of header + bytes).
+//!
+//! Client: a peer has several lanes (connections). A lane is a writer task
+//! fed by a bounded queue of `(batch, slices)` jobs plus a reader task; both
+//! share an in-flight FIFO, which matches responses because the server
+//! answers in request order.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::batch::{BatchState, OpKind, BUSY, PENDING, SENT};
+use crate::engine::{Notification, Shared};
+use crate::error::ErrorKind;
+use crate::handshake;
+use crate::rawio::{discard, read_exact, read_exact_raw, write_all, write_all_raw};
+use crate::wire::{self, ReqHeader, RespHeader, CHANNEL_TCP};
+use crate::PeerDesc;
+
+/// Largest single request payload a server accepts (a slice).
+pub const MAX_SLICE_BYTES: u64 = 64 << 20;
+
+// ---------------------------------------------------------------- server ---
+
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("tcp accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if shared.server_conns.fetch_add(1, SeqCst) >= shared.cfg.max_server_conns {
+            shared.server_conns.fetch_sub(1, SeqCst);
+            tracing::warn!(%addr, "refusing connection: {} connections open", shared.cfg.max_server_conns);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let shared2 = shared.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = serve_conn(&stream, &shared2).await {
+                tracing::info!(%addr, "closing data connection: {reason}");
+            }
+            shared2.server_conns.fetch_sub(1, SeqCst);
+        });
+    }
+}
+
+async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
+    let peer = tokio::time::timeout(
+        shared.cfg.handshake_timeout,
+        handshake::server(s, CHANNEL_TCP, &shared.desc),
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_string())??;
+    let mut hb = [0u8; std::mem::size_of::<ReqHeader>()];
+    loop {
+        match read_exact(s, &mut hb).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        let h = ReqHeader::read_from_bytes(&hb).map_err(|_| "short header")?;
+        if h.magic.get() != wire::MAGIC {
+            return Err(format!("bad request magic {:#x}", h.magic.get()));
+        }
+        let (id, region, offset, len) = (h.id.get(), h.region.get(), h.offset.get(), h.len.get());
+        match h.op {
+            wire::OP_WRITE => {
+                if len > MAX_SLICE_BYTES {
+                    return Err(format!(
+                        "write of {len} bytes exceeds the {MAX_SLICE_BYTES}-byte slice limit"
+                    ));
+                }
+                match shared.checked_region(region, offset, len) {
+                    Ok(r) => {
+                        // SAFETY: bounds checked; `r` keeps the memory alive and
+                        // counts as in flight until the payload has landed.
+                        unsafe {
+                            read_exact_raw(s, r.ptr() as usize + offset as usize, len as usize)
+                        }
+                        .await
+                        .map_err(|e| format!("write payload: {e}"))?;
+                        drop(r);
+                        respond(s, wire::OP_WRITE, 0, id, 0).await?;
+                    }
+                    Err(k) => {
+                        tracing::warn!(region, offset, len, "refused write: {k}");
+                        discard(s, len)
+                            .await
+                            .map_err(|e| format!("discarding refused write: {e}"))?;
+                        respond(s, wire::OP_WRITE, k.code(), id, 0).await?;
+                    }
+                }
+            }
+            wire::OP_READ => {
+                if len > MAX_SLICE_BYTES {
+                    return Err(format!(
+                        "read of {len} bytes exceeds the {MAX_SLICE_BYTES}-byte slice limit"
+                    ));
+                }
+                match shared.checked_region(region, offset, len) {
+                    Ok(r) => {
+                        let rh = RespHeader::new(wire::OP_READ, 0, id, len);
+                        let parts = [
+                            (rh.as_bytes().as_ptr() as usize, rh.as_bytes().len()),
+                            (r.ptr() as usize + offset as usize, len as usize),
+                        ];
+                        // SAFETY: header lives on this frame; payload bounds
+                        // checked and kept alive by `r`.
+                        unsafe { write_all_raw(s, &parts) }
+                            .await
+                            .map_err(|e| format!("read reply: {e}"))?;
+                    }
+                    Err(k) => {
+                        tracing::warn!(region, offset, len, "refused read: {k}");
+                        respond(s, wire::OP_READ, k.code(), id, 0).await?;
+                    }
+                }
+            }
+            wire::OP_NOTIFY => {
+                if len > wire::MAX_NOTIFY_BYTES {
+                    return Err(format!(
+                        "notification of {len} bytes exceeds {}",
+                        wire::MAX_NOTIFY_BYTES
+                    ));
+                }
+                let mut data = vec![0u8; len as usize];
+                read_exact(s, &mut data)
+                    .await
+                    .map_err(|e| format!("notify payload: {e}"))?;
+                shared.deliver(Notification { from: peer, data }).await;
+                respond(s, wire::OP_NOTIFY, 0, id, 0).await?;
+            }
+            op => return Err(format!("unknown opcode {op}")),
+        }
+    }
+}
+
+async fn respond(s: &TcpStream, op: u8, status: u8, id: u64, len: u64) -> Result<(), String> {
+    write_all(s, RespHeader::new(op, status, id, len).as_bytes())
+        .await
+        .map_err(|e| format!("respond: {e}"))
+}
+
+// ---------------------------------------------------------------- client ---
+
+/// Work for a lane.
+pub(crate) enum LaneJob {
+    /// Send these slices (indices into the batch) in order.
+    Slices {
+        batch: Arc<BatchState>,
+        slices: Vec<u32>,
+    },
+    /// Deliver a notification; answer on `done` once acknowledged.
+    Notify {
+        data: Vec<u8>,
+        done: oneshot::Sender<Result<(), ErrorKind>>,
+    },
+}
+
+enum InFlight {
+    Slice {
+        batch: Arc<BatchState>,
+        slice: u32,
+        id: u64,
+    },
+    Notify {
+        id: u64,
+        done: oneshot::Sender<Result<(), ErrorKind>>,
+    },
+}
+
+struct FlightQueue {
+    dead: bool,
+    q: VecDeque<InFlight>,
+}
+
+/// One TCP connection to a peer.
+pub(crate) struct Lane {
+    tx: mpsc::Sender<LaneJob>,
+    dead: AtomicBool,
+    stream: Mutex<Option<Arc<TcpStream>>>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("dead", &self.dead.load(SeqCst))
+            .finish()
+    }
+}
+
+impl Lane {
+    /// Starts a lane to `peer`; the connection is made in the background and
+    /// queued jobs fail with `ConnectionLost` if it cannot be.
+    pub(crate) fn start(shared: &Arc<Shared>, peer: &PeerDesc) -> Arc<Lane> {
+        let (tx, rx) = mpsc::channel(shared.cfg.lane_queue);
+        let lane = Arc::new(Lane {
+            tx,
+            dead: AtomicBool::new(false),
+            stream: Mutex::new(None),
+        });
+        let (l, sh, p) = (lane.clone(), shared.clone(), peer.clone());
+        shared
+            .rt_handle()
+            .spawn(async move { l.run(sh, p, rx).await });
+        lane
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(SeqCst)
+    }
+
+    /// Queues a job without blocking; `Busy` if the lane queue is full.
+    pub(crate) fn try_send(&self, job: LaneJob) -> Result<(), (ErrorKind, LaneJob)> {
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(j) => (ErrorKind::Busy, j),
+            mpsc::error::TrySendError::Closed(j) => (ErrorKind::ConnectionLost, j),
+        })
+    }
+
+    /// Tears the connection down; everything in flight on it fails.
+    pub(crate) fn shutdown(&self) {
+        self.dead.store(true, SeqCst);
+        if let Some(s) = self.stream.lock().as_ref() {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(s.as_ref());
+            // SAFETY: shutdown on a descriptor owned by a live TcpStream.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        shared: Arc<Shared>,
+        peer: PeerDesc,
+        mut rx: mpsc::Receiver<LaneJob>,
+    ) {
+        let stream = match connect(&shared, &peer).await {
+            Ok(s) => Arc::new(s),
+            Err(k) => {
+                tracing::warn!(peer = %peer.short_id(), "data connection failed: {k}");
+                self.dead.store(true, SeqCst);
+                rx.close();
+                while let Some(job) = rx.recv().await {
+                    fail_job(job, k);
+                }
+                return;
+            }
+        };
+        *self.stream.lock() = Some(stream.clone());
+        let flight = Arc::new(Mutex::new(FlightQueue {
+            dead: false,
+            q: VecDeque::new(),
+        }));
+        let permits = Arc::new(Semaphore::new(shared.cfg.lane_inflight));
+        let reader = {
+            let (s, f, p, l) = (
+                stream.clone(),
+                flight.clone(),
+                permits.clone(),
+                self.clone(),
+            );
+            tokio::spawn(async move {
+                let err = read_loop(&s, &f, &p).await;
+                l.shutdown();
+                let drained: Vec<InFlight> = {
+                    let mut g = f.lock();
+                    g.dead = true;
+                    g.q.drain(..).collect()
+                };
+                for x in drained {
+                    fail_inflight(x, err);
+                }
+                p.close();
+            })
+        };
+        let mut next_id = 1u64;
+        let mut failed: Option<ErrorKind> = None;
+        while let Some(job) = rx.recv().await {
+            if let Some(k) = failed {
+                fail_job(job, k);
+                continue;
+            }
+            if let Err(k) = self
+                .send_job(&stream, &flight, &permits, job, &mut next_id)
+                .await
+            {
+                failed = Some(k);
+                self.shutdown();
+                rx.close();
+            }
+        }
+        let _ = reader.await;
+    }
+
+    async fn send_job(
+        &self,
+        s: &TcpStream,
+        flight: &Mutex<FlightQueue>,
+        permits: &Semaphore,
+        job: LaneJob,
+        next_id: &mut u64,
+    ) -> Result<(), ErrorKind> {
+        match job {
+            LaneJob::Slices { batch, slices } => {
+                for (pos, &i) in slices.iter().enumerate() {
+                    let i = i as usize;
+                    let kind = batch.kind_of(i);
+                    let (from, to) = match kind {
+                        OpKind::Write => (PENDING, BUSY),
+                        OpKind::Read => (PENDING, SENT),
+                    };
+                    if !batch.advance(i, from, to) {
+                        continue; // aborted before it left
+                    }
+                    match permits.acquire().await {
+                        Ok(p) => p.forget(),
+                        Err(_) => {
+                            batch.fail(i, ErrorKind::ConnectionLost);
+                            fail_rest(&batch, &slices[pos + 1..], ErrorKind::ConnectionLost);
+                            return Err(ErrorKind::ConnectionLost);
+                        }
+                    }
+                    let id = *next_id;
+                    *next_id += 1;
+                    {
+                        let mut g = flight.lock();
+                        if g.dead {
+                            drop(g);
+                            batch.fail(i, ErrorKind::ConnectionLost);
+                            fail_rest(&batch, &slices[pos + 1..], ErrorKind::ConnectionLost);
+                            return Err(ErrorKind::ConnectionLost);
+                        }
+                        g.q.push_back(InFlight::Slice {
+                            batch: batch.clone(),
+                            slice: i as u32,
+                            id,
+                        });
+                    }
+                    let sl = batch.slices[i];
+                    let region = batch.remote_region_of(i);
+                    let r = match kind {
+                        OpKind::Write => {
+                            let h = ReqHeader::new(
+                                wire::OP_WRITE,
+                                id,
+                                region,
+                                sl.remote_offset,
+                                sl.len,
+                            );
+                            let parts = [
+                                (h.as_bytes().as_ptr() as usize, h.as_bytes().len()),
+                                (batch.local_ptr(i) as usize, sl.len as usize),
+                            ];
+                            // SAFETY: header on this frame; the payload range was
+                            // bounds-checked at submit and the batch holds the
+                            // region in use.
+                            unsafe { write_all_raw(s, &parts) }.await
+                        }
+                        OpKind::Read => {
+                            let h =
+                                ReqHeader::new(wire::OP_READ, id, region, sl.remote_offset, sl.len);
+                            write_all(s, h.as_bytes()).await
+                        }
+                    };
+                    if r.is_err() {
+                        // The reader fails everything in the FIFO, this slice included.
+                        fail_rest(&batch, &slices[pos + 1..], ErrorKind::ConnectionLost);
+                        return Err(ErrorKind::ConnectionLost);
+                    }
+                }
+                Ok(())
+            }
+            LaneJob::Notify { data, done } => {
+                let id = *next_id;
+                *next_id += 1;
+                {
+                    let mut g = flight.lock();
+                    if g.dead {
+                        let _ = done.send(Err(ErrorKind::ConnectionLost));
+                        return Err(ErrorKind::ConnectionLost);
+                    }
+                    g.q.push_back(InFlight::Notify { id, done });
+                }
+                let h = ReqHeader::new(wire::OP_NOTIFY, id, 0, 0, data.len() as u64);
+                let parts = [
+                    (h.as_bytes().as_ptr() as usize, 40usize),
+                    (data.as_ptr() as usize, data.len()),
+                ];
+                // SAFETY: both buffers live on this frame for the call.
+                unsafe { write_all_raw(s, &parts) }
+                    .await
+                    .map_err(|_| ErrorKind::ConnectionLost)
+            }
+        }
+    }
+}
+
+fn fail_rest(batch: &Arc<BatchState>, rest: &[u32], k: ErrorKind) {
+    for &j in rest {
+        batch.fail(j as usize, k);
+    }
+}
+
+fn fail_job(job: LaneJob, k: ErrorKind) {
+    match job {
+        LaneJob::Slices { batch, slices } => fail_rest(&batch, &slices, k),
+        LaneJob::Notify { done, .. } => {
+            let _ = done.send(Err(k));
+        }
+    }
+}
+
+fn fail_inflight(x: InFlight, k: ErrorKind) {
+    match x {
+        InFlight::Slice { batch, slice, .. } => batch.fail(slice as usize, k),
+        InFlight::Notify { done, .. } => {
+            let _ = done.send(Err(k));
+        }
+    }
+}
+
+/// Reads responses until the connection fails; returns the error kind that
+/// in-flight work fails with.
+async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semaphore) -> ErrorKind {
+    let mut hb = [0u8; std::mem::size_of::<RespHeader>()];
+    loop {
+        if read_exact(s, &mut hb).await.is_err() {
+            return ErrorKind::ConnectionLost;
+        }
+        let Ok(h) = RespHeader::read_from_bytes(&hb) else {
+            return ErrorKind::Protocol;
+        };
+        if h.magic.get() != wire::MAGIC {
+            tracing::warn!("bad response magic; closing lane");
+            return ErrorKind::Protocol;
+        }
+        let Some(entry) = flight.lock().q.pop_front() else {
+            tracing::warn!("response with nothing in flight; closing lane");
+            return ErrorKind::Protocol;
+        };
+        let status = ErrorKind::from_code(h.status);
+        if h.status != 0 && status.is_none() {
+            tracing::warn!(status = h.status, "unknown status code; closing lane");
+            fail_inflight(entry, ErrorKind::Protocol);
+            return ErrorKind::Protocol;
+        }
+        match entry {
+            InFlight::Notify { id, done } => {
+                if h.id.get() != id || h.op != wire::OP_NOTIFY {
+                    let _ = done.send(Err(ErrorKind::Protocol));
+                    return ErrorKind::Protocol;
+                }
+                let _ = done.send(status.map_or(Ok(()), Err));
+            }
+            InFlight::Slice { batch, slice, id } => {
+                let i = slice as usize;
+                let sl = batch.slices[i];
+                let kind = batch.kind_of(i);
+                let want_op = if kind == OpKind::Write {
+                    wire::OP_WRITE
+                } else {
+                    wire::OP_READ
+                };
+                if h.id.get() != id || h.op != want_op {
+                    tracing::warn!("response out of order; closing lane");
+                    batch.fail(i, ErrorKind::Protocol);
+                    return ErrorKind::Protocol;
+                }
+                match (kind, status) {
+                    (OpKind::Write, None) => {
+                        batch.complete(i, BUSY);
+                    }
+                    (OpKind::Write, Some(k)) => {
+                        batch.terminate(i, BUSY, crate::batch::FAILED, Some(k));
+                    }
+                    (OpKind::Read, Some(k)) => {
+                        batch.terminate(i, SENT, crate::batch::FAILED, Some(k));
+                    }
+                    (OpKind::Read, None) => {
+                        if h.len.get() != sl.len {
+                            batch.fail(i, ErrorKind::Protocol);
+                            return ErrorKind::Protocol;
+                        }
+                        if batch.advance(i, SENT, BUSY) {
+                            // SAFETY: the local range was bounds-checked at submit and
+                            // the batch holds the region in use; BUSY means no one else
+                            // touches these bytes and the batch cannot complete.
+                            let r = unsafe {
+                                read_exact_raw(s, batch.local_ptr(i) as usize, sl.len as usize)
+                            }
+                            .await;
+                            if r.is_err() {
+                                batch.fail(i, ErrorKind::ConnectionLost);
+                                return ErrorKind::ConnectionLost;
+                            }
+                            batch.complete(i, BUSY);
+                        } else if discard(s, sl.len).await.is_err() {
+                            return ErrorKind::ConnectionLost;
+                        }
+                    }
+                }
+            }
+        }
+        permits.add_permits(1);
+    }
+}
+
+async fn connect(shared: &Shared, peer: &PeerDesc) -> Result<TcpStream, ErrorKind> {
+    let mut last = ErrorKind::ConnectionLost;
+    for addr in &peer.tcp {
+        match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                let hs = handshake::client(&s, CHANNEL_TCP, shared.desc.engine_id, peer);
+                match tokio::time::timeout(shared.cfg.handshake_timeout, hs).await {
+                    Ok(Ok(())) => return Ok(s),
+                    Ok(Err(k)) => last = k,
+                    Err(_) => last = ErrorKind::Timeout,
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(%addr, "connect: {e}"),
+            Err(_) => tracing::debug!(%addr, "connect timed out"),
+        }
+    }
+    Err(last)
+}
+
+/// Resolves the addresses to advertise for a listener bound to `bound`.
+pub(crate) fn advertise_addrs(bound: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let mut out = Vec::new();
+    let mut lo = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+                continue;
+            };
+            let ip = std::net::IpAddr::V4(sa.ip());
+            let sock = SocketAddr::new(ip, bound.port());
+            if ip.is_loopback() {
+                lo.push(sock);
+            } else {
+                out.push(sock);
+            }
+        }
+    }
+    out.extend(lo);
+    if out.is_empty() {
+        out.push(SocketAddr::new(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            bound.port(),
+        ));
+    }
+    out
+}

@@ -1,0 +1,208 @@
+//! Engine behaviour that needs no second process: deregistration waiting for
+//! in-flight operations, revocation of shm mappings, cancel, bad arguments.
+
+use std::time::{Duration, Instant};
+
+use kvmesh_gpu::{BatchOptions, Engine, EngineConfig, ErrorKind, MemoryKind, Op, TransportKind};
+
+fn engine(t: TransportKind) -> Engine {
+    Engine::new(EngineConfig {
+        transport: t,
+        ..EngineConfig::default()
+    })
+    .unwrap()
+}
+
+const BIG: u64 = 64 << 20;
+
+#[test]
+fn deregistering_a_local_region_waits_for_its_batch() {
+    for t in [TransportKind::Tcp, TransportKind::Shm] {
+        let target = engine(t);
+        let remote_region = target.alloc(BIG, MemoryKind::Host).unwrap();
+        let e = engine(t);
+        let remote = e.import(&remote_region.desc());
+        let local = e.alloc(BIG, MemoryKind::Host).unwrap();
+        let ops: Vec<Op> = (0..8)
+            .map(|_| Op::read(local.id(), 0, remote, 0, BIG))
+            .collect();
+        let b = e.submit(&ops, BatchOptions::default()).unwrap();
+        e.deregister(&local, Duration::from_secs(30)).unwrap();
+        assert!(
+            b.poll().is_some(),
+            "{t:?}: deregister returned while the batch was in flight"
+        );
+        // The region is gone for new batches.
+        let err = e
+            .submit(
+                &[Op::read(local.id(), 0, remote, 0, 1)],
+                BatchOptions::default(),
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownRegion);
+    }
+}
+
+#[test]
+fn deregistering_a_served_region_stops_remote_access() {
+    for t in [TransportKind::Tcp, TransportKind::Shm] {
+        let target = engine(t);
+        let served = target.alloc(BIG, MemoryKind::Host).unwrap();
+        let e = engine(t);
+        let remote = e.import(&served.desc());
+        let local = e.alloc(BIG, MemoryKind::Host).unwrap();
+        let st = e
+            .submit(
+                &[Op::read(local.id(), 0, remote, 0, 4096)],
+                BatchOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            st.wait_blocking(Duration::from_secs(10)).unwrap().result,
+            Ok(())
+        );
+        assert_eq!(target.region_count(), 1);
+        target.deregister(&served, Duration::from_secs(10)).unwrap();
+        assert_eq!(target.region_count(), 0);
+        let st = e
+            .submit(
+                &[Op::write(local.id(), 0, remote, 0, 4096)],
+                BatchOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            st.wait_blocking(Duration::from_secs(10)).unwrap().result,
+            Err(ErrorKind::UnknownRegion),
+            "{t:?}"
+        );
+        assert!(
+            target.deregister(&served, Duration::from_secs(1)).is_err(),
+            "double deregister"
+        );
+    }
+}
+
+#[test]
+fn cancel_completes_the_batch_as_cancelled() {
+    let target = engine(TransportKind::Tcp);
+    let served = target.alloc(BIG, MemoryKind::Host).unwrap();
+    let e = engine(TransportKind::Tcp);
+    let remote = e.import(&served.desc());
+    let local = e.alloc(BIG, MemoryKind::Host).unwrap();
+    let ops: Vec<Op> = (0..64)
+        .map(|_| Op::read(local.id(), 0, remote, 0, BIG))
+        .collect();
+    let t0 = Instant::now();
+    let b = e.submit(&ops, BatchOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    b.cancel();
+    let st = b.wait_blocking(Duration::from_secs(20)).unwrap();
+    assert_eq!(st.result, Err(ErrorKind::Cancelled));
+    assert!(st.bytes < 64 * BIG);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // The engine keeps working after a cancel.
+    let st = e
+        .submit(
+            &[Op::read(local.id(), 0, remote, 0, 1 << 20)],
+            BatchOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        st.wait_blocking(Duration::from_secs(10)).unwrap().result,
+        Ok(())
+    );
+}
+
+#[test]
+fn bad_arguments_get_clear_errors() {
+    let e = engine(TransportKind::Shm);
+    let other = engine(TransportKind::Tcp);
+    let local = e.alloc(4096, MemoryKind::Host).unwrap();
+    let served = other.alloc(4096, MemoryKind::Host).unwrap();
+    let remote = e.import(&served.desc());
+    let zero = e
+        .submit(
+            &[Op::read(local.id(), 0, remote, 0, 0)],
+            BatchOptions::default(),
+        )
+        .unwrap_err();
+    assert!(zero.to_string().contains("length 0"), "{zero}");
+    let oob = e
+        .submit(
+            &[Op::read(local.id(), 4000, remote, 0, 200)],
+            BatchOptions::default(),
+        )
+        .unwrap_err();
+    assert!(oob.to_string().contains("local range"), "{oob}");
+    assert!(e.alloc(0, MemoryKind::Host).is_err());
+    let gpu = e.alloc(4096, MemoryKind::Gpu { device: 0 }).unwrap_err();
+    assert!(gpu.to_string().contains("CUDA"), "{gpu}");
+    let big = e.submit(
+        &[Op::read(local.id(), 0, remote, 0, 10)],
+        BatchOptions {
+            timeout: None,
+            notify: Some(vec![0; 70_000]),
+        },
+    );
+    assert!(big.is_err());
+    // Caller memory is not shareable, so shm-only refuses it with a reason.
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` outlives the region (deregistered below).
+    let ext = unsafe { other.register(buf.as_mut_ptr(), 4096, MemoryKind::Host) }.unwrap();
+    let r2 = e.import(&ext.desc());
+    let err = e
+        .submit(
+            &[Op::read(local.id(), 0, r2, 0, 10)],
+            BatchOptions::default(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("not shareable"), "{err}");
+    other.deregister(&ext, Duration::from_secs(1)).unwrap();
+    assert!("nope".parse::<TransportKind>().is_err());
+}
+
+#[test]
+fn auto_uses_tcp_for_caller_memory_and_shm_for_engine_memory() {
+    let target = engine(TransportKind::Auto);
+    let mut buf = vec![7u8; 1 << 20];
+    // SAFETY: `buf` outlives the region (deregistered below).
+    let ext = unsafe { target.register(buf.as_mut_ptr(), 1 << 20, MemoryKind::Host) }.unwrap();
+    let shm = target.alloc(1 << 20, MemoryKind::Host).unwrap();
+    shm.fill(0, 1 << 20, 9).unwrap();
+    let e = engine(TransportKind::Auto);
+    let local = e.alloc(2 << 20, MemoryKind::Host).unwrap();
+    let (r1, r2) = (e.import(&ext.desc()), e.import(&shm.desc()));
+    let st = e
+        .submit(
+            &[
+                Op::read(local.id(), 0, r1, 0, 1 << 20),
+                Op::read(local.id(), 1 << 20, r2, 0, 1 << 20),
+            ],
+            BatchOptions::default(),
+        )
+        .unwrap()
+        .wait_blocking(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(st.result, Ok(()));
+    let mut out = vec![0u8; 2 << 20];
+    local.read_at(0, &mut out).unwrap();
+    assert!(out[..1 << 20].iter().all(|&b| b == 7) && out[1 << 20..].iter().all(|&b| b == 9));
+    target.deregister(&ext, Duration::from_secs(1)).unwrap();
+    drop(buf);
+}
+
+#[test]
+fn notification_to_a_dead_peer_fails() {
+    let target = engine(TransportKind::Tcp);
+    let served = target.alloc(4096, MemoryKind::Host).unwrap();
+    let e = engine(TransportKind::Tcp);
+    let remote = e.import(&served.desc());
+    drop(served);
+    drop(target);
+    std::thread::sleep(Duration::from_millis(100));
+    let st = e
+        .notify(remote.peer, b"hello".to_vec(), Some(Duration::from_secs(5)))
+        .unwrap();
+    let st = st.wait_blocking(Duration::from_secs(10)).unwrap();
+    assert_eq!(st.result, Err(ErrorKind::ConnectionLost));
+}

@@ -1,0 +1,1 @@
+//! libp2p peer store for KV pages (no master).

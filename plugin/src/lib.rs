@@ -1,0 +1,1 @@
+//! KV-cache plugin and C ABI.
