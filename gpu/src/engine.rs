@@ -509,8 +509,10 @@ impl Engine {
         }
     }
 
-    /// Submits a batch of one-sided operations; never blocks on the network
-    /// (small same-host `shm` batches are copied before it returns).
+    /// Submits a batch of one-sided operations; never blocks on the network.
+    /// Same-host `shm` batches of at most `shm_inline_bytes` are copied
+    /// before it returns (cheaper than waking a copy thread); larger ones go
+    /// to the copy threads.
     ///
     /// Errors here are about the request itself (unknown region or peer,
     /// out of bounds, unreachable); transfer failures are reported by the
@@ -852,17 +854,17 @@ fn run_copies(
 ) {
     let bytes: u64 = idx.iter().map(|&i| state.slices[i as usize].len).sum();
     let threads = sh.cfg.shm_threads.max(1);
-    if bytes <= sh.cfg.shm_inline_bytes || threads == 1 && idx.len() == 1 {
+    if bytes <= sh.cfg.shm_inline_bytes {
         shm::copy_slices(state, &idx, &maps, &sp);
         return;
     }
-    // Split by bytes into one chunk per copy thread; the caller copies the
-    // first chunk itself rather than sleeping on the others.
-    let per = bytes.div_ceil(threads as u64 + 1);
+    // Split by bytes into one chunk per copy thread; `submit` returns
+    // without waiting for them.
+    let per = bytes.div_ceil(threads as u64);
     let mut chunks: Vec<(Vec<u32>, Vec<Arc<shm::Mapping>>)> = vec![(Vec::new(), Vec::new())];
     let mut acc = 0u64;
     for (i, m) in idx.into_iter().zip(maps) {
-        if acc >= per && chunks.len() <= threads {
+        if acc >= per && chunks.len() < threads {
             chunks.push((Vec::new(), Vec::new()));
             acc = 0;
         }
@@ -871,9 +873,7 @@ fn run_copies(
         c.0.push(i);
         c.1.push(m);
     }
-    let mut it = chunks.into_iter();
-    let mine = it.next();
-    for (slices, maps) in it {
+    for (slices, maps) in chunks {
         let job = CopyJob {
             batch: state.clone(),
             slices,
@@ -881,11 +881,9 @@ fn run_copies(
             peer: sp.clone(),
         };
         if let Err(e) = sh.copy_tx.try_send(job) {
+            // Queue full (or threads gone): copy here rather than fail.
             let job = e.into_inner();
             shm::copy_slices(&job.batch, &job.slices, &job.maps, &job.peer);
         }
-    }
-    if let Some((s, m)) = mine {
-        shm::copy_slices(state, &s, &m, &sp);
     }
 }

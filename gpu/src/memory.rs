@@ -413,3 +413,33 @@ impl RegionDesc {
         Self::from_bytes(&crate::desc::hex_decode(s.trim())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A request is accepted iff it lies wholly inside the region
+        /// (including ranges ending exactly at the end), with no overflow.
+        #[test]
+        fn bounds_check_accepts_exactly_the_inside(
+            region_len in 1u64..1 << 20,
+            offset in prop_oneof![0u64..1 << 21, Just(u64::MAX - 3), Just(u64::MAX)],
+            len in prop_oneof![0u64..1 << 21, Just(u64::MAX)],
+        ) {
+            let r = RegionInner::alloc_memfd(1, region_len, MemoryKind::Host).unwrap();
+            let inside = offset.checked_add(len).is_some_and(|end| end <= region_len);
+            prop_assert_eq!(r.check("t", offset, len).is_ok(), inside);
+            prop_assert!(r.check("t", region_len - 1, 1).is_ok());
+            prop_assert!(r.check("t", region_len, 1).is_err());
+        }
+    }
+
+    #[test]
+    fn pinned_memory_is_locked_and_usable() {
+        let r = RegionInner::alloc_memfd(1, 1 << 16, MemoryKind::HostPinned).unwrap();
+        assert!(r.locked);
+        assert!(r.memfd().is_some());
+    }
+}

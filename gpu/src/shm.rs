@@ -411,11 +411,7 @@ impl ShmPeer {
         let _ = write_all(&*self.stream, h.as_bytes()).await;
     }
 
-    async fn request(
-        &self,
-        h: ReqHeader,
-        payload: &[u8],
-    ) -> Result<Reply, ErrorKind> {
+    async fn request(&self, h: ReqHeader, payload: &[u8]) -> Result<Reply, ErrorKind> {
         if self.dead.load(SeqCst) {
             return Err(ErrorKind::ConnectionLost);
         }

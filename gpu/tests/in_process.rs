@@ -206,3 +206,31 @@ fn notification_to_a_dead_peer_fails() {
     let st = st.wait_blocking(Duration::from_secs(10)).unwrap();
     assert_eq!(st.result, Err(ErrorKind::ConnectionLost));
 }
+
+#[test]
+fn async_wait_completes_batches() {
+    let target = engine(TransportKind::Tcp);
+    let served = target.alloc(1 << 20, MemoryKind::Host).unwrap();
+    served.fill(0, 1 << 20, 0x5A).unwrap();
+    let e = engine(TransportKind::Tcp);
+    let remote = e.import(&served.desc());
+    let local = e.alloc(1 << 20, MemoryKind::Host).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let st = rt.block_on(async {
+        let b = e
+            .submit(
+                &[Op::read(local.id(), 0, remote, 0, 1 << 20)],
+                BatchOptions::default(),
+            )
+            .unwrap();
+        b.wait().await
+    });
+    assert_eq!(st.result, Ok(()));
+    assert_eq!(st.bytes, 1 << 20);
+    let mut out = vec![0u8; 1 << 20];
+    local.read_at(0, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0x5A));
+}
