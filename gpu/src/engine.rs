@@ -138,7 +138,13 @@ pub(crate) struct Shared {
     pub(crate) shm_conns: Mutex<HashMap<u64, Arc<shm::ServerConn>>>,
     copy_tx: crossbeam_channel::Sender<CopyJob>,
     rt: tokio::runtime::Handle,
+    rpc: RwLock<Option<RpcHandler>>,
 }
+
+/// Answers RPCs from peers ([`Engine::call`]): gets the caller's engine id
+/// and the request, returns the reply. Runs on the engine's I/O threads, so
+/// it must be quick and must not block.
+pub type RpcHandler = Arc<dyn Fn(EngineId, &[u8]) -> Vec<u8> + Send + Sync>;
 
 impl Shared {
     pub(crate) fn rt_handle(&self) -> &tokio::runtime::Handle {
@@ -164,6 +170,15 @@ impl Shared {
         r.check("remote request", offset, len)
             .map_err(|e| e.kind())?;
         Ok(InUse::new(r))
+    }
+
+    /// Runs the RPC handler; (status, reply).
+    pub(crate) fn answer_call(&self, from: EngineId, req: &[u8]) -> (u8, Vec<u8>) {
+        let h = self.rpc.read().clone();
+        match h {
+            Some(h) => (0, h(from, req)),
+            None => (ErrorKind::Unreachable.code(), Vec::new()),
+        }
     }
 
     /// Queues an incoming notification; waits (back-pressuring the sender's
@@ -317,6 +332,7 @@ impl Engine {
             shm_conns: Mutex::new(HashMap::new()),
             copy_tx: shm::start_copy_threads(cfg.shm_threads),
             rt: rt.handle().clone(),
+            rpc: RwLock::new(None),
         });
         {
             let _g = rt.enter();
@@ -813,6 +829,62 @@ impl Engine {
         })
         .map_err(|(k, _)| k)?;
         rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
+    }
+
+    /// Installs the handler that answers [`Engine::call`] from peers.
+    pub fn set_rpc_handler(&self, h: RpcHandler) {
+        *self.shared().rpc.write() = Some(h);
+    }
+
+    /// Sends a small request (at most 1 MiB) to a peer's RPC handler over the
+    /// data plane (the `shm` control channel for a same-host peer, else TCP
+    /// lane 0) and returns its reply. Cancel-safe. Fails with `Unreachable`
+    /// when the peer has no handler.
+    pub async fn call(&self, peer: PeerId, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>> {
+        if req.len() as u64 > crate::wire::MAX_CALL_BYTES {
+            return Err(Error::Invalid(format!(
+                "call of {} bytes exceeds 1 MiB",
+                req.len()
+            )));
+        }
+        let p = self.peer(peer)?;
+        let sh = self.shared().clone();
+        let use_shm = sh.cfg.transport != TransportKind::Tcp && p.same_host && p.desc.shm.is_some();
+        let fut = async move {
+            if use_shm {
+                let sp = match p.shm_ready() {
+                    Some(sp) => sp,
+                    None => p.shm_peer(&sh).await?,
+                };
+                return sp.call(&req).await;
+            }
+            let lane = p.lane(&sh, 0);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            lane.try_send(LaneJob::Call {
+                data: req,
+                done: tx,
+            })
+            .map_err(|(k, _)| k)?;
+            rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
+        };
+        // Run on the engine's runtime so callers on any executor work.
+        let task = self.shared().rt.spawn(fut);
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(r)) => r.map_err(Error::Transfer),
+            Ok(Err(_)) => Err(Error::Transfer(ErrorKind::ConnectionLost)),
+            Err(_) => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
+        }
+    }
+
+    /// [`Engine::call`] for threads outside any async runtime.
+    pub fn call_blocking(&self, peer: PeerId, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        self.shared().rt.spawn(async move {
+            let _ = tx.send(me.call(peer, req, timeout).await);
+        });
+        rx.recv_timeout(timeout + Duration::from_secs(1))
+            .map_err(|_| Error::Timeout(format!("call to {peer} after {timeout:?}")))?
     }
 
     /// Takes a received notification, if any (non-blocking).

@@ -41,8 +41,8 @@ pub mod size;
 
 pub use batch::{Batch, BatchId, BatchOptions, BatchStatus, Op, OpKind, OpStatus, RemoteRegion};
 pub use desc::{local_host_id, EngineId, PeerDesc, DESC_VERSION};
-pub use engine::{Engine, EngineConfig, Notification, PeerId, TransportKind};
+pub use engine::{Engine, EngineConfig, Notification, PeerId, RpcHandler, TransportKind};
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{MemoryKind, Region, RegionDesc, RegionId};
 pub use tcp::MAX_SLICE_BYTES;
-pub use wire::MAX_NOTIFY_BYTES;
+pub use wire::{MAX_CALL_BYTES, MAX_NOTIFY_BYTES};

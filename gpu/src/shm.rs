@@ -242,6 +242,28 @@ async fn serve_conn(id: u64, conn: &Arc<ServerConn>, shared: &Arc<Shared>) -> Re
                     .await
                     .map_err(|e| format!("notify reply: {e}"))?;
             }
+            wire::OP_CALL => {
+                let len = h.len.get();
+                if len > wire::MAX_CALL_BYTES {
+                    return Err(format!(
+                        "call of {len} bytes exceeds {}",
+                        wire::MAX_CALL_BYTES
+                    ));
+                }
+                let mut data = vec![0u8; len as usize];
+                read_exact(s, &mut data)
+                    .await
+                    .map_err(|e| format!("call payload: {e}"))?;
+                let (status, reply) = shared.answer_call(peer, &data);
+                let rh = RespHeader::new(wire::OP_CALL, status, rid, reply.len() as u64);
+                let _g = conn.write.lock().await;
+                write_all(s, rh.as_bytes())
+                    .await
+                    .map_err(|e| format!("call reply: {e}"))?;
+                write_all(s, &reply)
+                    .await
+                    .map_err(|e| format!("call reply: {e}"))?;
+            }
             wire::OP_REVOKE_ACK => {
                 let region = h.region.get();
                 conn.opened.lock().remove(&region);
@@ -311,8 +333,9 @@ impl Drop for Mapping {
     }
 }
 
-/// A control-channel answer, with the descriptor it carried (for `OP_OPEN`).
-type Reply = (RespHeader, Option<OwnedFd>);
+/// A control-channel answer, with the descriptor it carried (for `OP_OPEN`)
+/// and its payload (for `OP_CALL`).
+type Reply = (RespHeader, Option<OwnedFd>, Vec<u8>);
 
 /// The initiator's connection to one target's shm channel.
 pub(crate) struct ShmPeer {
@@ -387,8 +410,19 @@ impl ShmPeer {
                 None
             };
             fds.clear();
+            let mut payload = Vec::new();
+            if h.op == wire::OP_CALL {
+                if h.len.get() > wire::MAX_CALL_BYTES {
+                    break "oversized call reply".into();
+                }
+                payload = vec![0u8; h.len.get() as usize];
+                if let Err(e) = recv_with_fds(&self.stream, &mut payload, &mut fds).await {
+                    break format!("{e}");
+                }
+                fds.clear();
+            }
             if let Some(tx) = self.pending.lock().remove(&h.id.get()) {
-                let _ = tx.send((h, fd));
+                let _ = tx.send((h, fd, payload));
             }
         };
         tracing::debug!("shm control channel closed: {why}");
@@ -442,7 +476,7 @@ impl ShmPeer {
             return Ok(m);
         }
         let id = self.next_id.fetch_add(1, SeqCst);
-        let (h, fd) = self
+        let (h, fd, _) = self
             .request(ReqHeader::new(wire::OP_OPEN, id, region, 0, 0), &[])
             .await?;
         if let Some(k) = ErrorKind::from_code(h.status) {
@@ -462,13 +496,21 @@ impl ShmPeer {
     /// Delivers a notification after the batch's copies.
     pub(crate) async fn notify(&self, data: &[u8]) -> Result<(), ErrorKind> {
         let id = self.next_id.fetch_add(1, SeqCst);
-        let (h, _) = self
+        let (h, _, _) = self
             .request(
                 ReqHeader::new(wire::OP_NOTIFY, id, 0, 0, data.len() as u64),
                 data,
             )
             .await?;
         ErrorKind::from_code(h.status).map_or(Ok(()), Err)
+    }
+
+    /// Sends an RPC and returns the reply payload.
+    pub(crate) async fn call(&self, data: &[u8]) -> Result<Vec<u8>, ErrorKind> {
+        let id = self.next_id.fetch_add(1, SeqCst);
+        let h = ReqHeader::new(wire::OP_CALL, id, 0, 0, data.len() as u64);
+        let (h, _, payload) = self.request(h, data).await?;
+        ErrorKind::from_code(h.status).map_or(Ok(payload), Err)
     }
 }
 

@@ -145,6 +145,28 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                 shared.deliver(Notification { from: peer, data }).await;
                 respond(s, wire::OP_NOTIFY, 0, id, 0).await?;
             }
+            wire::OP_CALL => {
+                if len > wire::MAX_CALL_BYTES {
+                    return Err(format!(
+                        "call of {len} bytes exceeds {}",
+                        wire::MAX_CALL_BYTES
+                    ));
+                }
+                let mut data = vec![0u8; len as usize];
+                read_exact(s, &mut data)
+                    .await
+                    .map_err(|e| format!("call payload: {e}"))?;
+                let (status, reply) = shared.answer_call(peer, &data);
+                let rh = RespHeader::new(wire::OP_CALL, status, id, reply.len() as u64);
+                let parts = [
+                    (rh.as_bytes().as_ptr() as usize, 24usize),
+                    (reply.as_ptr() as usize, reply.len()),
+                ];
+                // SAFETY: both buffers live on this frame for the call.
+                unsafe { write_all_raw(s, &parts) }
+                    .await
+                    .map_err(|e| format!("call reply: {e}"))?;
+            }
             op => return Err(format!("unknown opcode {op}")),
         }
     }
@@ -170,6 +192,11 @@ pub(crate) enum LaneJob {
         data: Vec<u8>,
         done: oneshot::Sender<Result<(), ErrorKind>>,
     },
+    /// An RPC; answer on `done` with the peer's reply.
+    Call {
+        data: Vec<u8>,
+        done: oneshot::Sender<Result<Vec<u8>, ErrorKind>>,
+    },
 }
 
 enum InFlight {
@@ -181,6 +208,10 @@ enum InFlight {
     Notify {
         id: u64,
         done: oneshot::Sender<Result<(), ErrorKind>>,
+    },
+    Call {
+        id: u64,
+        done: oneshot::Sender<Result<Vec<u8>, ErrorKind>>,
     },
 }
 
@@ -385,18 +416,27 @@ impl Lane {
                 }
                 Ok(())
             }
-            LaneJob::Notify { data, done } => {
+            LaneJob::Notify { .. } | LaneJob::Call { .. } => {
                 let id = *next_id;
                 *next_id += 1;
+                let (op, data, entry) = match job {
+                    LaneJob::Notify { data, done } => {
+                        (wire::OP_NOTIFY, data, InFlight::Notify { id, done })
+                    }
+                    LaneJob::Call { data, done } => {
+                        (wire::OP_CALL, data, InFlight::Call { id, done })
+                    }
+                    LaneJob::Slices { .. } => unreachable!("matched above"),
+                };
                 {
                     let mut g = flight.lock();
                     if g.dead {
-                        let _ = done.send(Err(ErrorKind::ConnectionLost));
+                        fail_inflight(entry, ErrorKind::ConnectionLost);
                         return Err(ErrorKind::ConnectionLost);
                     }
-                    g.q.push_back(InFlight::Notify { id, done });
+                    g.q.push_back(entry);
                 }
-                let h = ReqHeader::new(wire::OP_NOTIFY, id, 0, 0, data.len() as u64);
+                let h = ReqHeader::new(op, id, 0, 0, data.len() as u64);
                 let parts = [
                     (h.as_bytes().as_ptr() as usize, 40usize),
                     (data.as_ptr() as usize, data.len()),
@@ -422,6 +462,9 @@ fn fail_job(job: LaneJob, k: ErrorKind) {
         LaneJob::Notify { done, .. } => {
             let _ = done.send(Err(k));
         }
+        LaneJob::Call { done, .. } => {
+            let _ = done.send(Err(k));
+        }
     }
 }
 
@@ -429,6 +472,9 @@ fn fail_inflight(x: InFlight, k: ErrorKind) {
     match x {
         InFlight::Slice { batch, slice, .. } => batch.fail(slice as usize, k),
         InFlight::Notify { done, .. } => {
+            let _ = done.send(Err(k));
+        }
+        InFlight::Call { done, .. } => {
             let _ = done.send(Err(k));
         }
     }
@@ -466,6 +512,19 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
                     return ErrorKind::Protocol;
                 }
                 let _ = done.send(status.map_or(Ok(()), Err));
+            }
+            InFlight::Call { id, done } => {
+                let len = h.len.get();
+                if h.id.get() != id || h.op != wire::OP_CALL || len > wire::MAX_CALL_BYTES {
+                    let _ = done.send(Err(ErrorKind::Protocol));
+                    return ErrorKind::Protocol;
+                }
+                let mut data = vec![0u8; len as usize];
+                if read_exact(s, &mut data).await.is_err() {
+                    let _ = done.send(Err(ErrorKind::ConnectionLost));
+                    return ErrorKind::ConnectionLost;
+                }
+                let _ = done.send(status.map_or(Ok(data), Err));
             }
             InFlight::Slice { batch, slice, id } => {
                 let i = slice as usize;

@@ -35,6 +35,11 @@ pub const OP_OPEN: u8 = 4;
 /// shm, server to client: stop using a region, then answer with `OP_REVOKE_ACK`.
 pub const OP_REVOKE: u8 = 5;
 pub const OP_REVOKE_ACK: u8 = 6;
+/// A small request answered by the peer's RPC handler (see `Engine::call`).
+pub const OP_CALL: u8 = 7;
+
+/// Largest RPC request or response payload.
+pub const MAX_CALL_BYTES: u64 = 1 << 20;
 
 /// Largest notification payload.
 pub const MAX_NOTIFY_BYTES: u64 = 64 * 1024;
@@ -66,7 +71,8 @@ pub struct Proof {
     pub mac: [u8; 32],
 }
 
-/// A request; `len` bytes of payload follow for `OP_WRITE` and `OP_NOTIFY`.
+/// A request; `len` bytes of payload follow for `OP_WRITE`, `OP_NOTIFY`
+/// and `OP_CALL`.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct ReqHeader {
@@ -80,7 +86,8 @@ pub struct ReqHeader {
     pub len: U64,
 }
 
-/// A response; `len` bytes of payload follow for a successful `OP_READ`.
+/// A response; `len` bytes of payload follow for a successful `OP_READ`
+/// and for `OP_CALL`.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RespHeader {

@@ -234,3 +234,37 @@ fn async_wait_completes_batches() {
     local.read_at(0, &mut out).unwrap();
     assert!(out.iter().all(|&b| b == 0x5A));
 }
+
+#[test]
+fn rpc_calls_reach_the_handler_on_both_channels() {
+    for t in [TransportKind::Tcp, TransportKind::Shm] {
+        let target = engine(t);
+        let served = target.alloc(4096, MemoryKind::Host).unwrap();
+        let e = engine(t);
+        let remote = e.import(&served.desc());
+        // No handler yet: a clear refusal, not a hang.
+        let err = e
+            .call_blocking(remote.peer, b"x".to_vec(), Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unreachable, "{t:?}: {err}");
+        let me = e.descriptor().engine_id;
+        target.set_rpc_handler(std::sync::Arc::new(move |from, req: &[u8]| {
+            assert_eq!(from, me);
+            let mut r = req.to_vec();
+            r.reverse();
+            r
+        }));
+        for len in [0usize, 1, 4096, 1 << 20] {
+            let req: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut want = req.clone();
+            want.reverse();
+            let got = e
+                .call_blocking(remote.peer, req, Duration::from_secs(5))
+                .unwrap();
+            assert!(got == want, "{t:?} len {len}");
+        }
+        assert!(e
+            .call_blocking(remote.peer, vec![0; (1 << 20) + 1], Duration::from_secs(5))
+            .is_err());
+    }
+}

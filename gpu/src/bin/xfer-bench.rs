@@ -32,9 +32,11 @@ enum Mode {
 enum OpArg {
     Read,
     Write,
+    /// RPC round trips of `--block-size` bytes (echoed by the target).
+    Call,
 }
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     version,
     about = "Benchmark the kvmesh transfer engine (modelled on transfer_engine_bench)"
@@ -134,6 +136,7 @@ fn run_target(a: &Args) -> Result<()> {
     let engine = Engine::new(engine_config(a)?)?;
     let size = a.region_size.unwrap_or_else(|| needed_region(a));
     let region = engine.alloc(size, MemoryKind::Host)?;
+    engine.set_rpc_handler(Arc::new(|_, req: &[u8]| req.to_vec()));
     if let Some(seed) = a.fill_seed {
         let mut chunk = vec![0u8; 4 << 20];
         let mut off = 0;
@@ -262,6 +265,7 @@ fn run_initiator(a: &Args, desc: &RegionDesc) -> Result<()> {
     let kind = match a.op {
         OpArg::Read => kvmesh_gpu::OpKind::Read,
         OpArg::Write => kvmesh_gpu::OpKind::Write,
+        OpArg::Call => return run_calls(a, &engine, remote.peer),
     };
     if a.verify && a.op == OpArg::Write {
         fill_region(&local, SEED)?;
@@ -350,6 +354,51 @@ fn run_initiator(a: &Args, desc: &RegionDesc) -> Result<()> {
     report(a, &all, verified, desc, &engine)
 }
 
+/// Sequential RPC round trips (one per "batch"), each echoing
+/// `--block-size` bytes.
+fn run_calls(a: &Args, engine: &Engine, peer: kvmesh_gpu::PeerId) -> Result<()> {
+    if a.block_size > kvmesh_gpu::MAX_CALL_BYTES {
+        bail!(
+            "--block-size for calls is at most {}",
+            kvmesh_gpu::MAX_CALL_BYTES
+        );
+    }
+    let req = vec![0x42u8; a.block_size as usize];
+    let call = || engine.call_blocking(peer, req.clone(), Duration::from_secs(10));
+    call()?;
+    let mut m = Measured {
+        bytes: 0,
+        batches: 0,
+        elapsed: 0.0,
+        lat_us: Vec::new(),
+    };
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < a.duration {
+        let t = Instant::now();
+        let r = call()?;
+        m.lat_us.push(t.elapsed().as_secs_f64() * 1e6);
+        if r.len() != req.len() {
+            bail!("echo returned {} bytes, sent {}", r.len(), req.len());
+        }
+        m.bytes += r.len() as u64;
+        m.batches += 1;
+    }
+    m.elapsed = t0.elapsed().as_secs_f64();
+    let desc_peer = engine.descriptor();
+    let fake = RegionDesc {
+        peer: desc_peer,
+        region: 0,
+        len: 0,
+        kind: MemoryKind::Host,
+        shareable: true,
+    };
+    let a1 = Args {
+        batch_size: 1,
+        ..a.clone()
+    };
+    report(&a1, &m, None, &fake, engine)
+}
+
 fn fill_region(r: &kvmesh_gpu::Region, seed: u64) -> Result<()> {
     let mut buf = vec![0u8; r.len() as usize];
     pattern::fill(&mut buf, seed, 0);
@@ -368,6 +417,7 @@ fn verify(
 ) -> Result<bool> {
     let target = match a.op {
         OpArg::Read => local.clone(),
+        OpArg::Call => return Ok(true),
         OpArg::Write => {
             let back = engine.alloc(len, MemoryKind::Host)?;
             back.fill(0, len, 0)?;
