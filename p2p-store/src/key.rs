@@ -1,0 +1,263 @@
+//! Object keys and checksums.
+//!
+//! * [`ObjectKey`]: the 256-bit name of an immutable object. KV blocks are
+//!   keyed by the chained prefix hash the plugin computes; other objects can
+//!   use [`ObjectKey::for_content`]. 256 bits rather than 128 so that a
+//!   birthday collision stays out of reach even for a peer that crafts keys.
+//! * [`Checksum`]: the full 32-byte BLAKE3 hash of an object's bytes (the
+//!   same hash the transfer engine uses), stored with every object and
+//!   checked on every read. It is not truncated: 32 bytes per object is
+//!   cheap next to KV blocks of tens of KiB or more.
+//!
+//! Both print as 64 lowercase hex digits, parse from hex, and serialise as
+//! a hex string in human-readable formats (JSON) and as 32 raw bytes in
+//! binary ones (postcard).
+//!
+//! Must not depend on: networking, async runtimes, the clock.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::Error;
+
+/// Context string for [`ObjectKey::for_content`] (BLAKE3 derive-key mode, so
+/// a content key never equals the plain checksum of the same bytes).
+const CONTENT_KEY_CONTEXT: &str = "kvmesh p2p-store object key v1";
+
+macro_rules! hash32_type {
+    ($name:ident) => {
+        impl $name {
+            /// Length in bytes.
+            pub const LEN: usize = 32;
+
+            /// Wraps raw bytes.
+            pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+                Self(bytes)
+            }
+
+            /// The raw bytes.
+            pub const fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+
+            /// Builds one from a slice that must be exactly 32 bytes long.
+            pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
+                let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "{} needs 32 bytes, got {}",
+                        stringify!($name),
+                        bytes.len()
+                    ))
+                })?;
+                Ok(Self(arr))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut buf = [0u8; 64];
+                // Encoding 32 bytes into a 64-byte buffer cannot fail.
+                hex::encode_to_slice(self.0, &mut buf).map_err(|_| fmt::Error)?;
+                // Hex digits are ASCII.
+                f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    concat!(stringify!($name), "({})"),
+                    hex::encode(&self.0[..8])
+                )
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self, Error> {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(s, &mut out).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "{} must be 64 hex digits: {e}",
+                        stringify!($name)
+                    ))
+                })?;
+                Ok(Self(out))
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                if serializer.is_human_readable() {
+                    serializer.collect_str(self)
+                } else {
+                    self.0.serialize(serializer)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                if deserializer.is_human_readable() {
+                    let s = String::deserialize(deserializer)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    <[u8; 32]>::deserialize(deserializer).map(Self)
+                }
+            }
+        }
+    };
+}
+
+/// The name of an immutable object: 32 bytes, normally a hash of what the
+/// object contains (or, for KV blocks, of the token prefix it caches).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey([u8; 32]);
+
+hash32_type!(ObjectKey);
+
+impl ObjectKey {
+    /// A content key: BLAKE3 in derive-key mode over `data`.
+    pub fn for_content(data: &[u8]) -> ObjectKey {
+        let mut hasher = blake3::Hasher::new_derive_key(CONTENT_KEY_CONTEXT);
+        hasher.update(data);
+        ObjectKey(*hasher.finalize().as_bytes())
+    }
+}
+
+/// BLAKE3 hash (all 32 bytes) of an object's payload.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Checksum([u8; 32]);
+
+hash32_type!(Checksum);
+
+impl Checksum {
+    /// Hashes `data`.
+    pub fn compute(data: &[u8]) -> Checksum {
+        Checksum(*blake3::hash(data).as_bytes())
+    }
+
+    /// Whether `data` hashes to `self`.
+    pub fn matches(&self, data: &[u8]) -> bool {
+        Checksum::compute(data) == *self
+    }
+
+    /// `Ok` when `data` hashes to `self`, else [`Error::ChecksumMismatch`].
+    pub fn verify(&self, data: &[u8]) -> Result<(), Error> {
+        let actual = Checksum::compute(data);
+        if actual == *self {
+            Ok(())
+        } else {
+            Err(Error::ChecksumMismatch {
+                expected: *self,
+                actual,
+            })
+        }
+    }
+}
+
+/// Incremental checksum over data that arrives in pieces.
+#[derive(Debug, Clone, Default)]
+pub struct ChecksumHasher(blake3::Hasher);
+
+impl ChecksumHasher {
+    /// A fresh hasher.
+    pub fn new() -> ChecksumHasher {
+        ChecksumHasher(blake3::Hasher::new())
+    }
+
+    /// Feeds more bytes.
+    pub fn update(&mut self, data: &[u8]) -> &mut Self {
+        self.0.update(data);
+        self
+    }
+
+    /// The checksum of everything fed so far.
+    pub fn finalize(&self) -> Checksum {
+        Checksum(*self.0.finalize().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hex_round_trip_and_format() {
+        let key = ObjectKey::from_bytes([0xab; 32]);
+        let s = key.to_string();
+        assert_eq!(s.len(), 64);
+        assert_eq!(&s[..4], "abab");
+        assert_eq!(s.parse::<ObjectKey>().unwrap(), key);
+        assert_eq!(format!("{key:?}"), "ObjectKey(abababababababab)");
+    }
+
+    #[test]
+    fn bad_hex_is_rejected() {
+        assert!("zz".parse::<ObjectKey>().is_err());
+        assert!("ab".repeat(31).parse::<ObjectKey>().is_err());
+        assert!("ab".repeat(33).parse::<Checksum>().is_err());
+        assert!(ObjectKey::from_slice(&[0; 31]).is_err());
+        assert!(ObjectKey::from_slice(&[0; 32]).is_ok());
+    }
+
+    #[test]
+    fn serde_binary_is_32_raw_bytes_and_json_is_hex() {
+        let key = ObjectKey::for_content(b"hello");
+        let bin = postcard::to_stdvec(&key).unwrap();
+        assert_eq!(bin.len(), 32);
+        assert_eq!(postcard::from_bytes::<ObjectKey>(&bin).unwrap(), key);
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(json, format!("\"{key}\""));
+        assert_eq!(serde_json::from_str::<ObjectKey>(&json).unwrap(), key);
+        assert!(serde_json::from_str::<ObjectKey>("\"00\"").is_err());
+    }
+
+    #[test]
+    fn content_key_differs_from_checksum() {
+        let data = b"some kv block";
+        assert_ne!(
+            ObjectKey::for_content(data).as_bytes(),
+            Checksum::compute(data).as_bytes()
+        );
+    }
+
+    #[test]
+    fn checksum_detects_a_flipped_bit() {
+        let mut data = vec![7u8; 4096];
+        let sum = Checksum::compute(&data);
+        assert!(sum.matches(&data));
+        assert!(sum.verify(&data).is_ok());
+        data[1234] ^= 0x10;
+        assert!(!sum.matches(&data));
+        assert!(matches!(
+            sum.verify(&data),
+            Err(Error::ChecksumMismatch { expected, .. }) if expected == sum
+        ));
+    }
+
+    #[test]
+    fn incremental_hash_equals_one_shot() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut h = ChecksumHasher::new();
+        for chunk in data.chunks(777) {
+            h.update(chunk);
+        }
+        assert_eq!(h.finalize(), Checksum::compute(&data));
+    }
+
+    proptest! {
+        #[test]
+        fn any_key_round_trips(bytes in any::<[u8; 32]>()) {
+            let key = ObjectKey::from_bytes(bytes);
+            prop_assert_eq!(key.to_string().parse::<ObjectKey>().unwrap(), key);
+            let bin = postcard::to_stdvec(&key).unwrap();
+            prop_assert_eq!(postcard::from_bytes::<ObjectKey>(&bin).unwrap(), key);
+        }
+    }
+}
