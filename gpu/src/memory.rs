@@ -368,6 +368,36 @@ impl Region {
         Ok(())
     }
 
+    /// Borrows `len` bytes at `offset` (host regions only), e.g. to hash them
+    /// without a copy.
+    ///
+    /// # Safety
+    /// While the borrow lives, no engine batch may write the range and
+    /// nothing else may write it through another pointer.
+    pub unsafe fn slice(&self, offset: u64, len: u64) -> Result<&[u8]> {
+        self.host_check("slice", offset, len)?;
+        // SAFETY: in bounds (checked above) and alive while `self` is; the
+        // caller guarantees no concurrent writer.
+        Ok(unsafe {
+            std::slice::from_raw_parts(self.inner.ptr().add(offset as usize), len as usize)
+        })
+    }
+
+    /// Mutably borrows `len` bytes at `offset` (host regions only), e.g. to
+    /// fill them without a copy.
+    ///
+    /// # Safety
+    /// While the borrow lives, no engine batch may read or write the range
+    /// and nothing else may access it through another pointer.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: u64, len: u64) -> Result<&mut [u8]> {
+        self.host_check("slice_mut", offset, len)?;
+        // SAFETY: in bounds and alive; exclusivity is the caller's contract.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(self.inner.ptr().add(offset as usize), len as usize)
+        })
+    }
+
     fn host_check(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
         if !self.inner.kind.is_host() {
             return Err(Error::Unsupported(format!(

@@ -28,6 +28,11 @@ use crate::rawio::{discard, read_exact, read_exact_raw, write_all, write_all_raw
 use crate::wire::{self, ReqHeader, RespHeader, CHANNEL_TCP};
 use crate::PeerDesc;
 
+/// A write is answered at least every this many slices ...
+const ACK_EVERY_SLICES: usize = 16;
+/// ... or bytes (keeps in-flight permits flowing back).
+const ACK_EVERY_BYTES: u64 = 16 << 20;
+
 /// Largest single request payload a server accepts (a slice).
 pub const MAX_SLICE_BYTES: u64 = 64 << 20;
 
@@ -95,7 +100,9 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                         .await
                         .map_err(|e| format!("write payload: {e}"))?;
                         drop(r);
-                        respond(s, wire::OP_WRITE, 0, id, 0).await?;
+                        if h.flags & wire::FLAG_ACK != 0 {
+                            respond(s, wire::OP_WRITE, 0, id, 0).await?;
+                        }
                     }
                     Err(k) => {
                         tracing::warn!(region, offset, len, "refused write: {k}");
@@ -167,6 +174,7 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("call reply: {e}"))?;
             }
+            wire::OP_PING => respond(s, wire::OP_PING, 0, id, 0).await?,
             op => return Err(format!("unknown opcode {op}")),
         }
     }
@@ -203,6 +211,11 @@ enum InFlight {
     Slice {
         batch: Arc<BatchState>,
         slice: u32,
+        id: u64,
+        /// The server answers this slice even on success.
+        answered: bool,
+    },
+    Ping {
         id: u64,
     },
     Notify {
@@ -348,6 +361,9 @@ impl Lane {
     ) -> Result<(), ErrorKind> {
         match job {
             LaneJob::Slices { batch, slices } => {
+                // Writes are answered in groups (FLAG_ACK on the last of a
+                // group): fewer tiny packets and wake-ups per byte.
+                let (mut unacked, mut unacked_bytes) = (0usize, 0u64);
                 for (pos, &i) in slices.iter().enumerate() {
                     let i = i as usize;
                     let kind = batch.kind_of(i);
@@ -368,31 +384,46 @@ impl Lane {
                     }
                     let id = *next_id;
                     *next_id += 1;
-                    {
-                        let mut g = flight.lock();
-                        if g.dead {
-                            drop(g);
-                            batch.fail(i, ErrorKind::ConnectionLost);
-                            fail_rest(&batch, &slices[pos + 1..], ErrorKind::ConnectionLost);
-                            return Err(ErrorKind::ConnectionLost);
-                        }
-                        g.q.push_back(InFlight::Slice {
-                            batch: batch.clone(),
-                            slice: i as u32,
-                            id,
-                        });
+                    if flight.lock().dead {
+                        batch.fail(i, ErrorKind::ConnectionLost);
+                        fail_rest(&batch, &slices[pos + 1..], ErrorKind::ConnectionLost);
+                        return Err(ErrorKind::ConnectionLost);
                     }
                     let sl = batch.slices[i];
+                    let answered = match kind {
+                        OpKind::Read => true,
+                        OpKind::Write => {
+                            unacked += 1;
+                            unacked_bytes += sl.len;
+                            let last = pos + 1 == slices.len();
+                            let ack = last
+                                || unacked >= ACK_EVERY_SLICES
+                                || unacked_bytes >= ACK_EVERY_BYTES;
+                            if ack {
+                                (unacked, unacked_bytes) = (0, 0);
+                            }
+                            ack
+                        }
+                    };
+                    flight.lock().q.push_back(InFlight::Slice {
+                        batch: batch.clone(),
+                        slice: i as u32,
+                        id,
+                        answered,
+                    });
                     let region = batch.remote_region_of(i);
                     let r = match kind {
                         OpKind::Write => {
-                            let h = ReqHeader::new(
+                            let mut h = ReqHeader::new(
                                 wire::OP_WRITE,
                                 id,
                                 region,
                                 sl.remote_offset,
                                 sl.len,
                             );
+                            if answered {
+                                h.flags = wire::FLAG_ACK;
+                            }
                             let parts = [
                                 (h.as_bytes().as_ptr() as usize, h.as_bytes().len()),
                                 (batch.local_ptr(i) as usize, sl.len as usize),
@@ -413,6 +444,23 @@ impl Lane {
                         fail_rest(&batch, &slices[pos + 1..], ErrorKind::ConnectionLost);
                         return Err(ErrorKind::ConnectionLost);
                     }
+                }
+                if unacked > 0 {
+                    // The job's flagged last write was skipped (aborted):
+                    // a ping answers for the writes before it.
+                    let id = *next_id;
+                    *next_id += 1;
+                    {
+                        let mut g = flight.lock();
+                        if g.dead {
+                            return Err(ErrorKind::ConnectionLost);
+                        }
+                        g.q.push_back(InFlight::Ping { id });
+                    }
+                    let h = ReqHeader::new(wire::OP_PING, id, 0, 0, 0);
+                    write_all(s, h.as_bytes())
+                        .await
+                        .map_err(|_| ErrorKind::ConnectionLost)?;
                 }
                 Ok(())
             }
@@ -477,6 +525,7 @@ fn fail_inflight(x: InFlight, k: ErrorKind) {
         InFlight::Call { done, .. } => {
             let _ = done.send(Err(k));
         }
+        InFlight::Ping { .. } => {}
     }
 }
 
@@ -495,9 +544,24 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
             tracing::warn!("bad response magic; closing lane");
             return ErrorKind::Protocol;
         }
-        let Some(entry) = flight.lock().q.pop_front() else {
-            tracing::warn!("response with nothing in flight; closing lane");
-            return ErrorKind::Protocol;
+        // Unanswered successful writes before this answer are done.
+        let entry = loop {
+            let Some(entry) = flight.lock().q.pop_front() else {
+                tracing::warn!("response with nothing in flight; closing lane");
+                return ErrorKind::Protocol;
+            };
+            match entry {
+                InFlight::Slice {
+                    batch,
+                    slice,
+                    id,
+                    answered: false,
+                } if id != h.id.get() => {
+                    batch.complete(slice as usize, BUSY);
+                    permits.add_permits(1);
+                }
+                other => break other,
+            }
         };
         let status = ErrorKind::from_code(h.status);
         if h.status != 0 && status.is_none() {
@@ -506,6 +570,11 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
             return ErrorKind::Protocol;
         }
         match entry {
+            InFlight::Ping { id } => {
+                if h.id.get() != id || h.op != wire::OP_PING {
+                    return ErrorKind::Protocol;
+                }
+            }
             InFlight::Notify { id, done } => {
                 if h.id.get() != id || h.op != wire::OP_NOTIFY {
                     let _ = done.send(Err(ErrorKind::Protocol));
@@ -526,7 +595,9 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
                 }
                 let _ = done.send(status.map_or(Ok(data), Err));
             }
-            InFlight::Slice { batch, slice, id } => {
+            InFlight::Slice {
+                batch, slice, id, ..
+            } => {
                 let i = slice as usize;
                 let sl = batch.slices[i];
                 let kind = batch.kind_of(i);

@@ -37,6 +37,13 @@ pub const OP_REVOKE: u8 = 5;
 pub const OP_REVOKE_ACK: u8 = 6;
 /// A small request answered by the peer's RPC handler (see `Engine::call`).
 pub const OP_CALL: u8 = 7;
+/// Always answered; acknowledges every earlier write on the connection.
+pub const OP_PING: u8 = 8;
+
+/// `ReqHeader::flags` of `OP_WRITE`: answer this write even when it succeeds.
+/// Successful writes without it are acknowledged by the next answer on the
+/// connection (requests are served in order; failures are always answered).
+pub const FLAG_ACK: u8 = 1;
 
 /// Largest RPC request or response payload.
 pub const MAX_CALL_BYTES: u64 = 1 << 20;

@@ -124,6 +124,54 @@ fn out_of_bounds_and_unknown_regions_are_refused_and_target_keeps_serving() {
             let st = wait(e.submit(&[op], BatchOptions::default()).unwrap());
             assert_eq!(st.result, Err(ErrorKind::OutOfBounds), "{t:?} {op:?}");
         }
+        // A refused write between accepted ones: only it fails, and the
+        // writes around it land (acknowledgements are grouped on tcp).
+        let mut pat = vec![0u8; 3 << 16];
+        pattern::fill(&mut pat, 77, 0);
+        local.write_at(0, &pat).unwrap();
+        let mixed = [
+            Op::write(local.id(), 0, real, 0, 1 << 16),
+            Op::write(local.id(), 0, lie, 2 << 20, 10),
+            Op::write(local.id(), 2 << 16, real, 2 << 16, 1 << 16),
+        ];
+        let st = wait(e.submit(&mixed, BatchOptions::default()).unwrap());
+        assert_eq!(st.result, Err(ErrorKind::OutOfBounds), "{t:?}");
+        assert_eq!(
+            st.ops[0],
+            kvmesh_gpu::OpStatus {
+                bytes: 1 << 16,
+                error: None
+            },
+            "{t:?}"
+        );
+        assert_eq!(st.ops[1].error, Some(ErrorKind::OutOfBounds), "{t:?}");
+        assert_eq!(
+            st.ops[2],
+            kvmesh_gpu::OpStatus {
+                bytes: 1 << 16,
+                error: None
+            },
+            "{t:?}"
+        );
+        assert_eq!(target.check(77, 0, 1 << 16), "CHECK ok");
+        assert_eq!(target.check(77, 2 << 16, 1 << 16), "CHECK ok");
+        assert_eq!(
+            target.check(3, 1 << 16, 1 << 16),
+            "CHECK ok",
+            "the range between must be untouched"
+        );
+        // Restore the target's fill pattern for the checks below.
+        let mut fillp = vec![0u8; 3 << 16];
+        pattern::fill(&mut fillp, 3, 0);
+        local.write_at(0, &fillp).unwrap();
+        let st = wait(
+            e.submit(
+                &[Op::write(local.id(), 0, real, 0, 3 << 16)],
+                BatchOptions::default(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(st.result, Ok(()));
         let mut ghost = real;
         ghost.region += 1000;
         let st = wait(
