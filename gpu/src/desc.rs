@@ -110,7 +110,7 @@ pub(crate) fn hex_encode(b: &[u8]) -> String {
 }
 
 pub(crate) fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 2 * MAX_DESC_BYTES {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * MAX_DESC_BYTES {
         return Err(Error::BadDescriptor(
             "hex text of odd or excessive length".into(),
         ));

@@ -238,6 +238,8 @@ struct EngineInner {
     next_batch: AtomicU64,
     notify_rx: tokio::sync::Mutex<mpsc::Receiver<Notification>>,
     local_addr: SocketAddr,
+    /// Regions deregistered whose operations have not drained yet.
+    draining: Mutex<std::collections::HashSet<RegionId>>,
 }
 
 impl Drop for EngineInner {
@@ -356,6 +358,7 @@ impl Engine {
                 next_batch: AtomicU64::new(1),
                 notify_rx: tokio::sync::Mutex::new(notify_rx),
                 local_addr,
+                draining: Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -421,13 +424,17 @@ impl Engine {
     /// Deregisters a region: new requests for it fail with `UnknownRegion`;
     /// same-host initiators are told to unmap it; then waits (up to
     /// `timeout`) for operations in flight on it to finish. Blocks the
-    /// calling thread. After `Ok`, the engine no longer touches the memory.
+    /// calling thread. After `Ok`, the engine no longer touches the memory;
+    /// after `RegionBusy` it may, and the call can be repeated to wait again.
     pub fn deregister(&self, region: &Region, timeout: Duration) -> Result<()> {
         let id = region.id();
         let removed = self.shared().regions.write().remove(&id);
-        if removed.is_none() {
+        if removed.is_none() && !self.inner.draining.lock().contains(&id) {
             return Err(Error::UnknownRegion(id));
         }
+        // Remembered until its operations drain, so a deregister that timed
+        // out can be retried.
+        self.inner.draining.lock().insert(id);
         let deadline = Instant::now() + timeout;
         if region.is_shareable() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -449,6 +456,7 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        self.inner.draining.lock().remove(&id);
         Ok(())
     }
 
@@ -867,12 +875,19 @@ impl Engine {
             .map_err(|(k, _)| k)?;
             rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
         };
-        // Run on the engine's runtime so callers on any executor work.
-        let task = self.shared().rt.spawn(fut);
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(r)) => r.map_err(Error::Transfer),
-            Ok(Err(_)) => Err(Error::Transfer(ErrorKind::ConnectionLost)),
-            Err(_) => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
+        // The I/O is driven by the engine's runtime; this future only waits
+        // for the reply, so no extra hop sits on the critical path. The
+        // deadline also runs on the engine's runtime, so callers on an
+        // executor without a timer work too.
+        let mut deadline = self.shared().rt.spawn(tokio::time::sleep(timeout));
+        let r = tokio::select! {
+            r = fut => Some(r),
+            _ = &mut deadline => None,
+        };
+        deadline.abort();
+        match r {
+            Some(r) => r.map_err(Error::Transfer),
+            None => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
         }
     }
 

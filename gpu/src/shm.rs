@@ -365,7 +365,11 @@ impl ShmPeer {
             tracing::debug!("shm connect {name}: {e}");
             ErrorKind::Unreachable
         })?;
-        let s = UnixStream::from_std(std).map_err(|_| ErrorKind::Io)?;
+        // Register with the engine's reactor whatever runtime the caller is on.
+        let s = {
+            let _g = shared.rt_handle().enter();
+            UnixStream::from_std(std).map_err(|_| ErrorKind::Io)?
+        };
         tokio::time::timeout(
             shared.cfg.handshake_timeout,
             handshake::client(&s, CHANNEL_SHM, shared.desc.engine_id, peer),
@@ -381,7 +385,9 @@ impl ShmPeer {
             dead: AtomicBool::new(false),
         });
         let p2 = p.clone();
-        tokio::spawn(async move { p2.read_loop().await });
+        shared
+            .rt_handle()
+            .spawn(async move { p2.read_loop().await });
         Ok(p)
     }
 

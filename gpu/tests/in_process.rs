@@ -268,3 +268,27 @@ fn rpc_calls_reach_the_handler_on_both_channels() {
             .is_err());
     }
 }
+
+#[test]
+fn a_timed_out_deregister_can_be_retried() {
+    let target = engine(TransportKind::Tcp);
+    let served = target.alloc(BIG, MemoryKind::Host).unwrap();
+    let e = engine(TransportKind::Tcp);
+    let remote = e.import(&served.desc());
+    let local = e.alloc(BIG, MemoryKind::Host).unwrap();
+    let ops: Vec<Op> = (0..16)
+        .map(|_| Op::read(local.id(), 0, remote, 0, BIG))
+        .collect();
+    let b = e.submit(&ops, BatchOptions::default()).unwrap();
+    let first = e.deregister(&local, Duration::from_micros(1));
+    assert!(
+        matches!(first, Err(kvmesh_gpu::Error::RegionBusy(_))),
+        "{first:?}"
+    );
+    e.deregister(&local, Duration::from_secs(30)).unwrap();
+    assert!(b.poll().is_some(), "the retry must wait for the batch");
+    assert!(matches!(
+        e.deregister(&local, Duration::from_secs(1)),
+        Err(kvmesh_gpu::Error::UnknownRegion(_))
+    ));
+}

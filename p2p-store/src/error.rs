@@ -105,6 +105,14 @@ pub enum Error {
     /// An argument was outside what the call accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A peer answered a request with an error, or could not be reached.
+    #[error("remote {kind:?}: {message}")]
+    Remote {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// The peer's (or transport's) message.
+        message: String,
+    },
     /// A file-system operation failed.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -181,6 +189,7 @@ impl Error {
             | Error::InvalidMessage(_)
             | Error::InvalidArgument(_) => ErrorKind::Invalid,
             Error::InvalidConfig(_) | Error::Io { .. } => ErrorKind::Internal,
+            Error::Remote { kind, .. } => *kind,
         }
     }
 

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Modules:
-//! * [`key`]: object keys and BLAKE3 checksums.
+//! * [`key`]: object keys (BLAKE3) and payload checksums (XXH3-128).
 //! * [`peer`]: opaque, bounded peer ids.
 //! * [`placement`]: weighted rendezvous hashing.
 //! * [`membership`]: announces, liveness, incarnations.
@@ -34,11 +34,15 @@ pub mod holder;
 pub mod index;
 pub mod key;
 pub mod membership;
+pub mod metrics;
+pub mod network;
 pub mod peer;
 pub mod placement;
 pub mod pool;
 pub mod repair;
+pub mod rpc;
 pub mod ssd;
+pub mod store;
 
 pub use error::{Error, ErrorKind, Result};
 pub use holder::{Holder, HolderConfig, HolderEvent, Lease, LeaseId, Reservation, ReservationId};
@@ -50,3 +54,7 @@ pub use placement::Candidate;
 pub use pool::{Allocation, Pool, PoolConfig};
 pub use repair::{RepairContext, RepairDecision, RepairPlan, RepairTask, ReplicaSet};
 pub use ssd::{SsdConfig, SsdTier};
+pub use store::{
+    multiaddr_ip, multiaddr_text, peer_id_text, Leased, PeerInfo, PutOptions, Store, StoreConfig,
+    StoreStats,
+};

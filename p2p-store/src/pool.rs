@@ -256,7 +256,7 @@ impl Pool {
         if let Some((start, slab)) = self.slab_containing(offset) {
             let class = &self.classes[slab.class];
             let rel = offset - start;
-            if rel % class.slot == 0 && !slab.is_free((rel / class.slot) as u32) {
+            if rel.is_multiple_of(class.slot) && !slab.is_free((rel / class.slot) as u32) {
                 return Some(class.slot);
             }
             return None;
@@ -375,7 +375,7 @@ impl Pool {
         let c = slab.class;
         let class = &mut self.classes[c];
         let rel = offset - start;
-        if rel % class.slot != 0 {
+        if !rel.is_multiple_of(class.slot) {
             return None;
         }
         let slot = (rel / class.slot) as u32;

@@ -17,7 +17,7 @@
 //!      12     4  reserved (0)
 //!      16    32  object key
 //!      48     8  payload length (u64 LE)
-//!      56    32  payload checksum (BLAKE3)
+//!      56    32  payload checksum (see `key::Checksum`)
 //!      88     …  payload
 //! ```
 //!

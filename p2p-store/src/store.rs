@@ -1,0 +1,1826 @@
+//! The peer store: the public [`Store`] API and the thin event loop that ties
+//! the I/O-free state machines (membership, holder, placement, repair) to
+//! libp2p (membership gossip, provider records, join) and to the transfer
+//! engine (bytes, and the hot-path holder RPCs).
+//!
+//! ```text
+//!              gossip announces ─► Membership ─► links (engine peers) ─► placement
+//!  Store::put ─► HRW targets ─► Reserve (engine RPC) ─► engine WRITE ─► Commit ─► provider record
+//!  Store::get ─► location cache / HRW candidates / Kademlia providers
+//!                 ─► Lease ─► engine READ ─► checksum ─► Release (async)
+//!  engine RPC handler ─► Holder ─► events ─► maintenance task (SSD spill, provider records)
+//!  member dead ─► release its leases/reservations ─► RepairContext ─► re-replicate
+//! ```
+//! Locks: `holder` before `ssd`, never the other way; no lock is held across
+//! an `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvmesh_gpu::{
+    BatchOptions, Engine, EngineConfig, EngineId, MemoryKind, Op, Region, RegionDesc, RemoteRegion,
+};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::holder::{Holder, HolderConfig, HolderEvent, LeaseId, ReservationId};
+use crate::index::{IndexConfig, ObjectOptions, Pin};
+use crate::key::{Checksum, ObjectKey};
+use crate::membership::{Announce, Membership, MembershipConfig, MembershipEvent};
+use crate::metrics::Metrics;
+use crate::network::{self, Multiaddr, NetworkConfig};
+use crate::peer::PeerId;
+use crate::placement;
+use crate::pool::PoolConfig;
+use crate::repair::{RepairContext, ReplicaSet};
+use crate::rpc::{self, Grant, NetRequest, NetResponse, PinWire, Request, Response};
+use crate::ssd::{SsdConfig, SsdTier};
+
+/// Gossipsub topic of membership announces.
+pub const MEMBERS_TOPIC: &str = "kvmesh/members/1";
+
+/// Configuration of a store peer.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// libp2p listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through (with or without `/p2p/<id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Private-network key (swarm.key text); `None` for an open network.
+    pub psk: Option<String>,
+    /// Zero-configuration discovery on the local network.
+    pub mdns: bool,
+    /// DRAM donated to the store; 0 makes a client that holds nothing.
+    pub mem_bytes: u64,
+    /// SSD tier directory and capacity.
+    pub ssd: Option<(PathBuf, u64)>,
+    /// Silence after which a member is declared dead.
+    pub dead_after: Duration,
+    /// How often this peer announces itself.
+    pub announce_interval: Duration,
+    /// Wait after a death before re-replicating (lets a flapping peer back).
+    pub repair_delay: Duration,
+    /// The transfer engine (transport, data-plane listen address, ...).
+    pub engine: EngineConfig,
+    /// Where to serve Prometheus metrics.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Lease length for gets.
+    pub lease: Duration,
+    /// Reservation lifetime for puts.
+    pub reservation_ttl: Duration,
+    /// Deadline of one RPC or one engine batch.
+    pub op_timeout: Duration,
+    /// Replicas a put makes unless told otherwise.
+    pub default_replicas: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("literal multiaddr")],
+            bootstrap: Vec::new(),
+            psk: None,
+            mdns: false,
+            mem_bytes: 256 << 20,
+            ssd: None,
+            dead_after: Duration::from_secs(3),
+            announce_interval: Duration::from_millis(500),
+            repair_delay: Duration::from_millis(500),
+            engine: EngineConfig::default(),
+            metrics_addr: None,
+            lease: Duration::from_secs(10),
+            reservation_ttl: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(10),
+            default_replicas: 1,
+        }
+    }
+}
+
+/// Options of one put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOptions {
+    /// Copies to make (R); clamped to the live holders.
+    pub replicas: usize,
+    /// Eviction protection.
+    pub pin: Pin,
+    /// Lifetime; `None` keeps the object until evicted or removed.
+    pub ttl: Option<Duration>,
+}
+
+impl Default for PutOptions {
+    fn default() -> Self {
+        PutOptions {
+            replicas: 1,
+            pin: Pin::None,
+            ttl: None,
+        }
+    }
+}
+
+/// A live member as seen by this peer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub incarnation: u64,
+    pub capacity: u64,
+    pub free: u64,
+    pub load: u32,
+    pub addrs: Vec<String>,
+    pub is_self: bool,
+}
+
+/// Counters of this peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub peer_id: String,
+    pub peers_alive: usize,
+    pub objects: usize,
+    pub bytes_stored: u64,
+    pub capacity: u64,
+    pub ssd_objects: usize,
+    pub ssd_bytes: u64,
+    pub puts: u64,
+    pub gets: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub repairs: u64,
+}
+
+/// A lease on one object at one holder, from [`Store::lease_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leased {
+    pub key: ObjectKey,
+    pub holder: PeerId,
+    pub len: u64,
+    grant: Grant,
+}
+
+/// How a member is reached through the engine.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    engine_peer: kvmesh_gpu::PeerId,
+    pool: RemoteRegion,
+    engine_id: EngineId,
+}
+
+enum Maint {
+    Holder(HolderEvent),
+    Provide(ObjectKey),
+    Repair(Vec<PeerId>),
+}
+
+struct Inner {
+    cfg: StoreConfig,
+    engine: Engine,
+    pool: Option<Region>,
+    me: PeerId,
+    net: network::Client,
+    holder: Option<Mutex<Holder>>,
+    ssd: Option<Mutex<SsdTier>>,
+    membership: Mutex<Membership>,
+    links: RwLock<HashMap<PeerId, Link>>,
+    owners: Mutex<HashMap<PeerId, EngineId>>,
+    maint: mpsc::UnboundedSender<Maint>,
+    metrics: Arc<Metrics>,
+    incarnation: u64,
+    seq: AtomicU64,
+    staging: Mutex<Vec<Region>>,
+    loc_cache: Mutex<HashMap<ObjectKey, PeerId>>,
+    closed: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    listen: RwLock<Vec<Multiaddr>>,
+}
+
+/// A store peer (cheap to clone). Holds objects if `mem_bytes > 0`, and is
+/// always a client of the others.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("peer", &self.inner.me.to_string())
+            .finish()
+    }
+}
+
+/// A store peer id in libp2p's usual text form (base58), or hex if the
+/// bytes are not a libp2p peer id.
+pub fn peer_id_text(p: &PeerId) -> String {
+    network::PeerId::from_bytes(p.as_bytes())
+        .map(|x| x.to_string())
+        .unwrap_or_else(|_| p.to_string())
+}
+
+/// A multiaddr in text form, from its bytes.
+pub fn multiaddr_text(b: &[u8]) -> String {
+    Multiaddr::try_from(b.to_vec())
+        .map(|m| m.to_string())
+        .unwrap_or_else(|_| "<bad multiaddr>".into())
+}
+
+/// The IP address of a `/ip4/..` or `/ip6/..` multiaddr.
+pub fn multiaddr_ip(m: &Multiaddr) -> Option<std::net::IpAddr> {
+    m.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(a) => Some(a.into()),
+        libp2p::multiaddr::Protocol::Ip6(a) => Some(a.into()),
+        _ => None,
+    })
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn pin_wire(p: Pin) -> PinWire {
+    match p {
+        Pin::None => PinWire::None,
+        Pin::Soft => PinWire::Soft,
+        Pin::Hard => PinWire::Hard,
+    }
+}
+
+fn pin_local(p: PinWire) -> Pin {
+    match p {
+        PinWire::None => Pin::None,
+        PinWire::Soft => Pin::Soft,
+        PinWire::Hard => Pin::Hard,
+    }
+}
+
+fn remote(kind: ErrorKind, message: impl Into<String>) -> Error {
+    Error::Remote {
+        kind,
+        message: message.into(),
+    }
+}
+
+const MAX_LOC_CACHE: usize = 1 << 16;
+const STAGING_SLOTS: usize = 8;
+
+impl Store {
+    /// Starts a peer: engine, DRAM pool, SSD tier, libp2p swarm, and joins
+    /// through the bootstrap peers (waiting up to `op_timeout` for their
+    /// member lists). Must be called inside a tokio runtime.
+    pub async fn start(cfg: StoreConfig) -> Result<Store> {
+        let engine = Engine::new(cfg.engine.clone())
+            .map_err(|e| Error::InvalidConfig(format!("engine: {e}")))?;
+        let pool = if cfg.mem_bytes > 0 {
+            Some(
+                engine
+                    .alloc(cfg.mem_bytes, MemoryKind::Host)
+                    .map_err(|e| Error::InvalidConfig(format!("pool: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let psk = match &cfg.psk {
+            Some(text) => Some(
+                network::parse_swarm_key(text)
+                    .map_err(|e| Error::InvalidConfig(format!("pre-shared key: {e}")))?,
+            ),
+            None => None,
+        };
+        let net_cfg = NetworkConfig {
+            listen: cfg.listen.clone(),
+            bootstrap: cfg.bootstrap.clone(),
+            psk,
+            mdns: cfg.mdns,
+            ..NetworkConfig::new(network::Keypair::generate_ed25519())
+        };
+        let (net, events) = network::start(net_cfg)
+            .await
+            .map_err(|e| Error::InvalidConfig(format!("network: {e}")))?;
+        let me = PeerId::from_bytes(&net.local_peer_id().to_bytes())?;
+        let (holder, ssd) = match &pool {
+            Some(p) => {
+                let index = IndexConfig::new(PoolConfig::new(p.len()));
+                let mut holder = Holder::new(HolderConfig::new(index))?;
+                let ssd = match &cfg.ssd {
+                    Some((dir, cap)) => {
+                        let (tier, report) = SsdTier::open(SsdConfig::new(dir.clone(), *cap))?;
+                        let now = Instant::now();
+                        for o in tier.iter_lru() {
+                            let _ = holder.restore_from_ssd(now, o.key, o.len, o.checksum);
+                        }
+                        tracing::info!(?report, "ssd tier opened");
+                        Some(Mutex::new(tier))
+                    }
+                    None => None,
+                };
+                (Some(Mutex::new(holder)), ssd)
+            }
+            None => (None, None),
+        };
+        let mut mcfg = MembershipConfig::new(me.clone());
+        mcfg.dead_after = cfg.dead_after;
+        let membership = Membership::new(mcfg)?;
+        let (maint_tx, maint_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            engine,
+            pool,
+            me,
+            net,
+            holder,
+            ssd,
+            membership: Mutex::new(membership),
+            links: RwLock::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
+            maint: maint_tx,
+            metrics: Arc::new(Metrics::default()),
+            incarnation: now_unix_ms(),
+            seq: AtomicU64::new(0),
+            staging: Mutex::new(Vec::new()),
+            loc_cache: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            listen: RwLock::new(Vec::new()),
+            cfg,
+        });
+        let store = Store { inner };
+        store.install_rpc_handler();
+        // Listen addresses go into announces; they appear shortly after start.
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            let addrs = store.inner.net.listen_addrs().await.unwrap_or_default();
+            if !addrs.is_empty() || Instant::now() >= until {
+                *store.inner.listen.write() = addrs;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        store
+            .inner
+            .net
+            .subscribe(MEMBERS_TOPIC)
+            .await
+            .map_err(|e| Error::InvalidConfig(format!("subscribe: {e}")))?;
+        if store.is_holder() {
+            // Know ourselves at once (placement includes this peer).
+            let a = store.announce();
+            store.handle_announce(a);
+        }
+        let mut tasks = vec![
+            tokio::spawn(event_loop(store.clone(), events)),
+            tokio::spawn(maintenance(store.clone(), maint_rx)),
+            tokio::spawn(ticker(store.clone())),
+        ];
+        if let Some(addr) = store.inner.cfg.metrics_addr {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("metrics {addr}"), e))?;
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                l,
+                store.inner.metrics.clone(),
+            )));
+        }
+        store.inner.tasks.lock().extend(tasks);
+        store.join().await;
+        Ok(store)
+    }
+
+    /// Asks connected peers for their member lists until one answers or
+    /// `op_timeout` passes.
+    async fn join(&self) {
+        if self.inner.cfg.bootstrap.is_empty() {
+            return;
+        }
+        let until = Instant::now() + self.inner.cfg.op_timeout;
+        while Instant::now() < until {
+            let peers = self.inner.net.connected_peers().await.unwrap_or_default();
+            for p in peers {
+                if let Ok(resp) = self
+                    .inner
+                    .net
+                    .request(p, rpc::encode(&NetRequest::Members))
+                    .await
+                {
+                    if let Ok(NetResponse::Members(list)) = rpc::decode::<NetResponse>(&resp) {
+                        for a in list.iter().filter_map(|b| Announce::decode(b).ok()) {
+                            self.handle_announce(a);
+                        }
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!("no bootstrap peer answered with its member list; relying on gossip");
+    }
+
+    /// This peer's id (the libp2p peer id).
+    pub fn peer_id(&self) -> &PeerId {
+        &self.inner.me
+    }
+
+    /// The libp2p peer id, in its usual text form.
+    pub fn peer_id_text(&self) -> String {
+        peer_id_text(&self.inner.me)
+    }
+
+    /// The transfer engine of this peer (register buffers with it to put
+    /// and get without copies).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// libp2p addresses this peer listens on (with `/p2p/<id>`).
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.inner.net.listen_addrs().await.unwrap_or_default()
+    }
+
+    /// Whether this peer holds objects.
+    pub fn is_holder(&self) -> bool {
+        self.inner.holder.is_some()
+    }
+
+    /// Waits until at least `n` holders (this one included if it holds) are live.
+    pub async fn wait_for_members(&self, n: usize, timeout: Duration) -> Result<()> {
+        let until = Instant::now() + timeout;
+        loop {
+            let live = self.inner.membership.lock().live_count();
+            if live >= n {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(remote(
+                    ErrorKind::Internal,
+                    format!("only {live} of {n} members joined within {timeout:?}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Live members.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let m = self.inner.membership.lock();
+        let mut v: Vec<PeerInfo> = m
+            .live_members()
+            .map(|x| PeerInfo {
+                peer_id: peer_id_text(&x.peer),
+                incarnation: x.incarnation,
+                capacity: x.capacity,
+                free: x.free,
+                load: x.load,
+                addrs: x.addrs.iter().map(|a| multiaddr_text(a)).collect(),
+                is_self: x.peer == self.inner.me,
+            })
+            .collect();
+        v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        v
+    }
+
+    /// Counters of this peer.
+    pub fn stats(&self) -> StoreStats {
+        let m = &self.inner.metrics;
+        let (objects, bytes) = match &self.inner.holder {
+            Some(h) => {
+                let h = h.lock();
+                let s = h.index().stats();
+                (h.index().len(), s.resident_bytes)
+            }
+            None => (0, 0),
+        };
+        let (ssd_objects, ssd_bytes) = match &self.inner.ssd {
+            Some(s) => {
+                let s = s.lock();
+                (s.len(), s.used_bytes())
+            }
+            None => (0, 0),
+        };
+        StoreStats {
+            peer_id: self.peer_id_text(),
+            peers_alive: self.inner.membership.lock().live_count(),
+            objects,
+            bytes_stored: bytes,
+            capacity: self.inner.cfg.mem_bytes,
+            ssd_objects,
+            ssd_bytes,
+            puts: m.puts.load(Relaxed),
+            gets: m.gets.load(Relaxed),
+            hits: m.hits.load(Relaxed),
+            misses: m.misses.load(Relaxed),
+            evictions: m.evictions.load(Relaxed),
+            repairs: m.repairs.load(Relaxed),
+        }
+    }
+
+    /// The metrics registry (also served on `metrics_addr`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Leaves the swarm: tells the others, stops the tasks.
+    pub async fn shutdown(&self) {
+        if self.inner.closed.swap(true, Relaxed) {
+            return;
+        }
+        let _ = self.inner.net.shutdown().await;
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+
+    // ------------------------------------------------------------ membership
+
+    fn announce(&self) -> Announce {
+        let free = self
+            .inner
+            .holder
+            .as_ref()
+            .map_or(0, |h| h.lock().placement_free());
+        let desc = self
+            .inner
+            .pool
+            .as_ref()
+            .map(|p| p.desc().to_bytes())
+            .unwrap_or_default();
+        let mut a = Announce::new(
+            self.inner.me.clone(),
+            self.inner.incarnation,
+            self.inner.seq.fetch_add(1, Relaxed),
+            self.inner.cfg.mem_bytes,
+            free.min(self.inner.cfg.mem_bytes),
+            desc,
+        );
+        a.addrs = self
+            .inner
+            .listen
+            .read()
+            .iter()
+            .take(8)
+            .map(|m| m.to_vec())
+            .collect();
+        a
+    }
+
+    fn handle_announce(&self, a: Announce) {
+        let peer = a.peer.clone();
+        let desc = a.engine_desc.clone();
+        let ev = self
+            .inner
+            .membership
+            .lock()
+            .handle_announce(Instant::now(), a);
+        match ev {
+            Ok(Some(ev)) => self.on_membership(ev, Some(desc)),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(peer = %peer, "announce refused: {e}"),
+        }
+    }
+
+    fn on_membership(&self, ev: MembershipEvent, desc: Option<Vec<u8>>) {
+        tracing::info!(?ev, "membership");
+        match &ev {
+            MembershipEvent::Joined { peer, .. } => {
+                if let Some(d) = desc {
+                    self.link(peer, &d);
+                }
+            }
+            MembershipEvent::Restarted { peer, .. } => {
+                self.unlink(peer);
+                if let Some(d) = desc {
+                    self.link(peer, &d);
+                }
+                let _ = self.inner.maint.send(Maint::Repair(vec![peer.clone()]));
+            }
+            MembershipEvent::Dead { peer, .. } | MembershipEvent::Left { peer, .. } => {
+                self.unlink(peer);
+                let _ = self.inner.maint.send(Maint::Repair(vec![peer.clone()]));
+            }
+        }
+        let live = self.inner.membership.lock().live_count();
+        self.inner.metrics.peers_alive.store(live as u64, Relaxed);
+    }
+
+    fn link(&self, peer: &PeerId, desc: &[u8]) {
+        match RegionDesc::from_bytes(desc) {
+            Ok(d) => {
+                let r = self.inner.engine.import(&d);
+                let link = Link {
+                    engine_peer: r.peer,
+                    pool: r,
+                    engine_id: d.peer.engine_id,
+                };
+                self.inner.owners.lock().insert(
+                    PeerId::from_bytes(&d.peer.engine_id).expect("16 bytes"),
+                    d.peer.engine_id,
+                );
+                self.inner.links.write().insert(peer.clone(), link);
+            }
+            Err(e) => tracing::warn!(%peer, "member with an unusable engine descriptor: {e}"),
+        }
+    }
+
+    fn unlink(&self, peer: &PeerId) {
+        let link = self.inner.links.write().remove(peer);
+        if let Some(l) = link {
+            self.inner.engine.remove_peer(l.engine_peer);
+            if let Some(h) = &self.inner.holder {
+                let owner = PeerId::from_bytes(&l.engine_id).expect("16 bytes");
+                let (r, le) = h.lock().release_owner(&owner);
+                if r + le > 0 {
+                    tracing::info!(%peer, reservations = r, leases = le, "released what a departed peer held");
+                }
+                self.drain_holder_events();
+            }
+        }
+        self.inner.loc_cache.lock().retain(|_, p| p != peer);
+    }
+
+    fn link_of(&self, peer: &PeerId) -> Result<Link> {
+        self.inner.links.read().get(peer).copied().ok_or_else(|| {
+            remote(
+                ErrorKind::Internal,
+                format!("peer {peer} is not a live member"),
+            )
+        })
+    }
+
+    fn candidates(&self) -> Vec<placement::Candidate> {
+        self.inner.membership.lock().candidates()
+    }
+
+    // ---------------------------------------------------------------- holder
+
+    fn install_rpc_handler(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner
+            .engine
+            .set_rpc_handler(Arc::new(move |from: EngineId, req: &[u8]| {
+                let Some(inner) = weak.upgrade() else {
+                    return rpc::encode(&Response::Error {
+                        kind: ErrorKind::Internal,
+                        message: "shutting down".into(),
+                    });
+                };
+                let store = Store { inner };
+                store.inner.metrics.rpc_served.fetch_add(1, Relaxed);
+                let resp = match rpc::decode::<Request>(req) {
+                    Ok(r) => store.serve(from, r),
+                    Err(m) => Response::Error {
+                        kind: ErrorKind::Invalid,
+                        message: m,
+                    },
+                };
+                rpc::encode(&resp)
+            }));
+    }
+
+    fn drain_holder_events(&self) {
+        if let Some(h) = &self.inner.holder {
+            let mut h = h.lock();
+            while let Some(ev) = h.poll_event() {
+                let _ = self.inner.maint.send(Maint::Holder(ev));
+            }
+        }
+    }
+
+    /// Answers one holder RPC. Runs on an engine I/O thread: no blocking
+    /// except the bounded SSD read of a promotion.
+    fn serve(&self, from: EngineId, req: Request) -> Response {
+        let Some(holder) = &self.inner.holder else {
+            return Response::Error {
+                kind: ErrorKind::Invalid,
+                message: "this peer holds no objects (client)".into(),
+            };
+        };
+        let owner = PeerId::from_bytes(&from).expect("16 bytes");
+        let now = Instant::now();
+        let resp = match req {
+            Request::Reserve { key, len, ttl_ms } => {
+                match holder
+                    .lock()
+                    .reserve(now, &owner, key, len, Duration::from_millis(ttl_ms))
+                {
+                    Ok(r) => Response::Reserved {
+                        reservation: r.id.0,
+                        offset: r.location.offset,
+                    },
+                    Err(e) => Response::Error {
+                        kind: e.kind(),
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Commit {
+                key,
+                reservation,
+                checksum,
+                pin,
+                ttl_ms,
+                replication,
+                holders,
+            } => {
+                let opts = ObjectOptions {
+                    pin: pin_local(pin),
+                    ttl: ttl_ms.map(Duration::from_millis),
+                    replication,
+                    holders,
+                };
+                let mut h = holder.lock();
+                let same_key = h
+                    .reservations()
+                    .any(|r| r.id.0 == reservation && r.key == key);
+                let r = if same_key {
+                    h.commit(now, &owner, ReservationId(reservation), checksum, opts)
+                } else {
+                    Err(Error::UnknownReservation(reservation))
+                };
+                drop(h);
+                match r {
+                    Ok(_) => {
+                        let _ = self.inner.maint.send(Maint::Provide(key));
+                        Response::Done
+                    }
+                    Err(e) => Response::Error {
+                        kind: e.kind(),
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Abort { reservation } => {
+                match holder.lock().abort(now, &owner, ReservationId(reservation)) {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error {
+                        kind: e.kind(),
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Lease { keys, duration_ms } => {
+                let d = Duration::from_millis(duration_ms);
+                Response::Leases(
+                    keys.iter()
+                        .map(|k| self.lease_local(now, &owner, k, d))
+                        .collect(),
+                )
+            }
+            Request::Release { leases } => {
+                let mut h = holder.lock();
+                for l in leases {
+                    let _ = h.release(&owner, LeaseId(l));
+                }
+                Response::Done
+            }
+            Request::Contains { keys } => {
+                let h = holder.lock();
+                Response::Flags(keys.iter().map(|k| h.index().contains(k)).collect())
+            }
+            Request::Remove { key } => match holder.lock().remove(&key) {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Error {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                },
+            },
+            Request::SetHolders {
+                key,
+                replication,
+                holders,
+            } => match holder.lock().set_holders(&key, replication, holders) {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Error {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                },
+            },
+            Request::SetPin { key, pin } => match holder.lock().set_pin(&key, pin_local(pin)) {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Error {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                },
+            },
+            Request::Stat => {
+                let st = self.stats();
+                let m = &self.inner.metrics;
+                Response::Stat(rpc::HolderStat {
+                    objects: st.objects as u64,
+                    bytes_stored: st.bytes_stored,
+                    capacity: st.capacity,
+                    ssd_objects: st.ssd_objects as u64,
+                    ssd_bytes: st.ssd_bytes,
+                    evictions: st.evictions,
+                    spills: m.spills.load(Relaxed),
+                    repairs: st.repairs,
+                    rpc_served: m.rpc_served.load(Relaxed),
+                })
+            }
+        };
+        self.drain_holder_events();
+        resp
+    }
+
+    /// Leases `key` here, promoting it from the SSD tier first if needed.
+    fn lease_local(
+        &self,
+        now: Instant,
+        owner: &PeerId,
+        key: &ObjectKey,
+        d: Duration,
+    ) -> Result<Grant, ErrorKind> {
+        let holder = self.inner.holder.as_ref().ok_or(ErrorKind::Invalid)?;
+        let mut h = holder.lock();
+        let lease = match h.lease(now, owner, key, d) {
+            Err(Error::NotResident(_)) => {
+                self.promote(&mut h, key).map_err(|e| e.kind())?;
+                h.lease(now, owner, key, d)
+            }
+            other => other,
+        }
+        .map_err(|e| e.kind())?;
+        Ok(Grant {
+            lease: lease.id.0,
+            offset: lease.location.offset,
+            len: lease.location.len,
+            checksum: lease.checksum,
+        })
+    }
+
+    /// Reads an SSD-only object back into DRAM (verified by the SSD tier).
+    fn promote(&self, h: &mut Holder, key: &ObjectKey) -> Result<()> {
+        let (Some(ssd), Some(pool)) = (&self.inner.ssd, &self.inner.pool) else {
+            return Err(Error::NotResident(*key));
+        };
+        let loc = h.begin_promote(key)?;
+        let len = h.index().get(key).map_or(0, |m| m.len);
+        // SAFETY: `loc` was just allocated for this promotion: no engine op
+        // or other object uses these pool bytes until complete_promote.
+        let dst = unsafe { pool.slice_mut(loc.offset, len) }
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let r = ssd.lock().read_into(key, dst);
+        let ok = r.is_ok();
+        h.complete_promote(Instant::now(), key, ok);
+        match r {
+            Ok(()) => {
+                self.inner.metrics.promotions.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(%key, "promotion from SSD failed: {e}");
+                if matches!(
+                    e,
+                    Error::Corrupt { .. } | Error::NotFound(_) | Error::ChecksumMismatch { .. }
+                ) {
+                    h.forget_ssd(key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ client side
+
+    async fn call(&self, link: &Link, req: &Request) -> Result<Response> {
+        let bytes = self
+            .inner
+            .engine
+            .call(
+                link.engine_peer,
+                rpc::encode(req),
+                self.inner.cfg.op_timeout,
+            )
+            .await
+            .map_err(|e| {
+                remote(
+                    if e.is_retryable() {
+                        ErrorKind::Busy
+                    } else {
+                        ErrorKind::Internal
+                    },
+                    format!("rpc: {e}"),
+                )
+            })?;
+        let resp = rpc::decode::<Response>(&bytes).map_err(|m| remote(ErrorKind::Invalid, m))?;
+        if let Response::Error { kind, message } = resp {
+            return Err(remote(kind, message));
+        }
+        Ok(resp)
+    }
+
+    fn staging(&self, len: u64) -> Result<Region> {
+        let mut s = self.inner.staging.lock();
+        if let Some(i) = s
+            .iter()
+            .position(|r| r.len() >= len && r.len() <= len.max(1 << 20) * 4)
+        {
+            return Ok(s.swap_remove(i));
+        }
+        drop(s);
+        self.inner
+            .engine
+            .alloc(len.next_power_of_two().max(64 << 10), MemoryKind::Host)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+
+    fn unstage(&self, r: Region) {
+        let mut s = self.inner.staging.lock();
+        if s.len() < STAGING_SLOTS {
+            s.push(r);
+        } else if let Some(i) = s
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, x)| x.len())
+            .map(|(i, _)| i)
+        {
+            if s[i].len() < r.len() {
+                s[i] = r;
+            }
+        }
+    }
+
+    /// Stores `data` under `key` on `opts.replicas` peers chosen by
+    /// rendezvous hashing. Idempotent: a key already stored counts as stored.
+    pub async fn put(&self, key: ObjectKey, data: &[u8], opts: PutOptions) -> Result<()> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Err(Error::InvalidArgument("empty object".into()));
+        }
+        let staging = self.staging(len)?;
+        staging
+            .write_at(0, data)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let r = self.put_from(key, &staging, 0, len, opts).await;
+        self.unstage(staging);
+        r
+    }
+
+    /// Stores `len` bytes of a registered region (no copy on this side).
+    /// The range must not change until the call returns.
+    pub async fn put_from(
+        &self,
+        key: ObjectKey,
+        region: &Region,
+        offset: u64,
+        len: u64,
+        opts: PutOptions,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        // SAFETY: the caller keeps the range unchanged during the put, and
+        // the engine only reads it.
+        let bytes = unsafe { region.slice(offset, len) }
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let checksum = Checksum::compute(bytes);
+        let members = self.candidates();
+        let ranked = placement::ranked(&key, &members);
+        let want = opts.replicas.max(1).min(ranked.len());
+        if want == 0 {
+            self.inner.metrics.put_failures.fetch_add(1, Relaxed);
+            return Err(remote(ErrorKind::NoSpace, "no live holder to put on"));
+        }
+        let targets: Vec<PeerId> = ranked[..want].to_vec();
+        let futs = targets
+            .iter()
+            .map(|t| self.put_one(t, key, region, offset, len, checksum, opts, &targets));
+        let results = futures::future::join_all(futs).await;
+        let mut ok = 0;
+        let mut last = None;
+        for r in results {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => last = Some(e),
+            }
+        }
+        if ok == 0 {
+            self.inner.metrics.put_failures.fetch_add(1, Relaxed);
+            return Err(last.unwrap_or_else(|| remote(ErrorKind::Internal, "put failed")));
+        }
+        if let Some(e) = last {
+            tracing::warn!(%key, "put stored {ok} of {want} replicas: {e}");
+        }
+        self.inner.loc_cache_insert(key, targets[0].clone());
+        let m = &self.inner.metrics;
+        m.puts.fetch_add(1, Relaxed);
+        m.put_bytes.fetch_add(len, Relaxed);
+        m.put_latency.observe(t0.elapsed());
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put_one(
+        &self,
+        target: &PeerId,
+        key: ObjectKey,
+        region: &Region,
+        offset: u64,
+        len: u64,
+        checksum: Checksum,
+        opts: PutOptions,
+        holders: &[PeerId],
+    ) -> Result<()> {
+        let link = self.link_of(target)?;
+        let ttl_ms = self.inner.cfg.reservation_ttl.as_millis() as u64;
+        let (reservation, roff) = match self
+            .call(&link, &Request::Reserve { key, len, ttl_ms })
+            .await
+        {
+            Ok(Response::Reserved {
+                reservation,
+                offset,
+            }) => (reservation, offset),
+            Ok(_) => return Err(remote(ErrorKind::Invalid, "unexpected reply to reserve")),
+            Err(Error::Remote {
+                kind: ErrorKind::AlreadyExists,
+                ..
+            }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let op = Op::write(region.id(), offset, link.pool, roff, len);
+        let st = self.transfer(&[op]).await;
+        if let Err(e) = st {
+            let _ = self.call(&link, &Request::Abort { reservation }).await;
+            return Err(e);
+        }
+        let commit = Request::Commit {
+            key,
+            reservation,
+            checksum,
+            pin: pin_wire(opts.pin),
+            ttl_ms: opts.ttl.map(|t| t.as_millis() as u64),
+            replication: opts.replicas.clamp(1, 255) as u8,
+            holders: holders.to_vec(),
+        };
+        match self.call(&link, &commit).await {
+            Ok(_)
+            | Err(Error::Remote {
+                kind: ErrorKind::AlreadyExists,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn transfer(&self, ops: &[Op]) -> Result<()> {
+        let b = self
+            .inner
+            .engine
+            .submit(
+                ops,
+                BatchOptions {
+                    timeout: Some(self.inner.cfg.op_timeout),
+                    notify: None,
+                },
+            )
+            .map_err(|e| remote(ErrorKind::Invalid, format!("engine: {e}")))?;
+        let st = b.wait().await;
+        st.result.map_err(|k| {
+            remote(
+                if k.is_retryable() {
+                    ErrorKind::Busy
+                } else {
+                    ErrorKind::Internal
+                },
+                format!("transfer: {k}"),
+            )
+        })
+    }
+
+    /// Stores many objects concurrently; one result per item.
+    pub async fn put_many(
+        &self,
+        items: &[(ObjectKey, &[u8])],
+        opts: PutOptions,
+    ) -> Vec<Result<()>> {
+        futures::future::join_all(items.iter().map(|(k, d)| self.put(*k, d, opts))).await
+    }
+
+    /// Peers to ask for `key`, best first: where it was last seen, then the
+    /// HRW order over live members.
+    fn lookup_order(&self, key: &ObjectKey) -> Vec<PeerId> {
+        let mut order = Vec::new();
+        if let Some(p) = self.inner.loc_cache.lock().get(key) {
+            order.push(p.clone());
+        }
+        for p in placement::ranked(key, &self.candidates()) {
+            if !order.contains(&p) {
+                order.push(p);
+            }
+        }
+        order
+    }
+
+    /// Leases each key on one holder (batched per peer: one RPC per holder
+    /// asked). `None` for keys no live holder has.
+    pub async fn lease_many(&self, keys: &[ObjectKey], duration: Duration) -> Vec<Option<Leased>> {
+        let mut out: Vec<Option<Leased>> = vec![None; keys.len()];
+        let orders: Vec<Vec<PeerId>> = keys.iter().map(|k| self.lookup_order(k)).collect();
+        let max_rounds = 3usize;
+        let mut providers_tried = vec![false; keys.len()];
+        for round in 0..=max_rounds {
+            // Group the keys still missing by the peer to ask this round.
+            let mut ask: HashMap<PeerId, Vec<usize>> = HashMap::new();
+            for (i, o) in orders.iter().enumerate() {
+                if out[i].is_some() {
+                    continue;
+                }
+                if round < max_rounds {
+                    if let Some(p) = o.get(round) {
+                        ask.entry(p.clone()).or_default().push(i);
+                    }
+                } else if !providers_tried[i] {
+                    providers_tried[i] = true;
+                    // Last resort: the DHT's provider records.
+                    if let Ok(ps) = self
+                        .inner
+                        .net
+                        .get_providers(keys[i].as_bytes().to_vec())
+                        .await
+                    {
+                        for lp in ps {
+                            if let Ok(p) = PeerId::from_bytes(&lp.to_bytes()) {
+                                if !o[..o.len().min(max_rounds)].contains(&p) {
+                                    ask.entry(p).or_default().push(i);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if ask.is_empty() {
+                continue;
+            }
+            let futs = ask.into_iter().map(|(peer, idx)| {
+                let ks: Vec<ObjectKey> = idx.iter().map(|&i| keys[i]).collect();
+                async move {
+                    let r = match self.link_of(&peer) {
+                        Ok(link) => {
+                            self.call(
+                                &link,
+                                &Request::Lease {
+                                    keys: ks,
+                                    duration_ms: duration.as_millis() as u64,
+                                },
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (peer, idx, r)
+                }
+            });
+            for (peer, idx, r) in futures::future::join_all(futs).await {
+                if let Ok(Response::Leases(grants)) = r {
+                    for (j, g) in idx.iter().zip(grants) {
+                        if let Ok(g) = g {
+                            out[*j] = Some(Leased {
+                                key: keys[*j],
+                                holder: peer.clone(),
+                                len: g.len,
+                                grant: g,
+                            });
+                        }
+                    }
+                }
+            }
+            if out.iter().all(|x| x.is_some()) {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Reads leased objects into registered regions: `(lease, region,
+    /// offset)`; checks every checksum. One engine batch per holder.
+    pub async fn read_leased(&self, items: &[(&Leased, &Region, u64)]) -> Vec<Result<()>> {
+        let mut by_peer: HashMap<PeerId, Vec<usize>> = HashMap::new();
+        for (i, (l, _, _)) in items.iter().enumerate() {
+            by_peer.entry(l.holder.clone()).or_default().push(i);
+        }
+        let mut out: Vec<Result<()>> = (0..items.len()).map(|_| Ok(())).collect();
+        let futs = by_peer.into_iter().map(|(peer, idx)| async move {
+            let link = match self.link_of(&peer) {
+                Ok(l) => l,
+                Err(e) => return (idx, Err(e)),
+            };
+            let ops: Vec<Op> = idx
+                .iter()
+                .map(|&i| {
+                    let (l, r, off) = items[i];
+                    Op::read(r.id(), off, link.pool, l.grant.offset, l.len)
+                })
+                .collect();
+            (idx, self.transfer(&ops).await)
+        });
+        for (idx, r) in futures::future::join_all(futs).await {
+            for &i in &idx {
+                out[i] = match &r {
+                    Err(e) => Err(remote(e.kind(), e.to_string())),
+                    Ok(()) => {
+                        let (l, region, off) = items[i];
+                        // SAFETY: the batch that filled the range completed;
+                        // the caller does not write it during the call.
+                        match unsafe { region.slice(off, l.len) } {
+                            Ok(bytes) if l.grant.checksum.matches(bytes) => Ok(()),
+                            Ok(bytes) => {
+                                self.inner.metrics.checksum_failures.fetch_add(1, Relaxed);
+                                Err(Error::ChecksumMismatch {
+                                    expected: l.grant.checksum,
+                                    actual: Checksum::compute(bytes),
+                                })
+                            }
+                            Err(e) => Err(Error::InvalidArgument(e.to_string())),
+                        }
+                    }
+                };
+            }
+        }
+        out
+    }
+
+    /// Ends leases (fire and forget: the holder also expires them).
+    pub fn release(&self, leases: Vec<Leased>) {
+        let mut by_peer: HashMap<PeerId, Vec<u64>> = HashMap::new();
+        for l in leases {
+            by_peer.entry(l.holder).or_default().push(l.grant.lease);
+        }
+        for (peer, ids) in by_peer {
+            let Ok(link) = self.link_of(&peer) else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = me.call(&link, &Request::Release { leases: ids }).await;
+            });
+        }
+    }
+
+    /// Reads `key` into a registered region at `offset` (at most `max_len`
+    /// bytes). `Ok(None)` if no live holder has it. Fails over to the next
+    /// replica when a holder dies mid-read or returns bad bytes.
+    pub async fn get_into(
+        &self,
+        key: ObjectKey,
+        region: &Region,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<Option<u64>> {
+        let t0 = Instant::now();
+        self.inner.metrics.gets.fetch_add(1, Relaxed);
+        let mut tried: HashSet<PeerId> = HashSet::new();
+        let mut last_err = None;
+        for _attempt in 0..4 {
+            let leased = self.lease_excluding(&key, &tried).await;
+            let Some(l) = leased else { break };
+            tried.insert(l.holder.clone());
+            if l.len > max_len {
+                self.release(vec![l.clone()]);
+                return Err(Error::InvalidArgument(format!(
+                    "object is {} bytes, buffer has {max_len}",
+                    l.len
+                )));
+            }
+            let r = self
+                .read_leased(&[(&l, region, offset)])
+                .await
+                .pop()
+                .unwrap_or(Ok(()));
+            self.release(vec![l.clone()]);
+            match r {
+                Ok(()) => {
+                    self.inner.loc_cache_insert(key, l.holder.clone());
+                    let m = &self.inner.metrics;
+                    m.hits.fetch_add(1, Relaxed);
+                    m.get_bytes.fetch_add(l.len, Relaxed);
+                    m.get_latency.observe(t0.elapsed());
+                    return Ok(Some(l.len));
+                }
+                Err(e) => {
+                    tracing::warn!(%key, holder = %l.holder, "read failed, trying another replica: {e}");
+                    self.inner.metrics.get_failovers.fetch_add(1, Relaxed);
+                    self.inner.loc_cache.lock().remove(&key);
+                    last_err = Some(e);
+                }
+            }
+        }
+        match last_err {
+            Some(e) => Err(e),
+            None => {
+                self.inner.metrics.misses.fetch_add(1, Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn lease_excluding(&self, key: &ObjectKey, tried: &HashSet<PeerId>) -> Option<Leased> {
+        if tried.is_empty() {
+            return self
+                .lease_many(std::slice::from_ref(key), self.inner.cfg.lease)
+                .await
+                .pop()
+                .flatten();
+        }
+        // After a failure: ask the remaining candidates one by one.
+        let mut order = self.lookup_order(key);
+        if let Ok(ps) = self.inner.net.get_providers(key.as_bytes().to_vec()).await {
+            for lp in ps {
+                if let Ok(p) = PeerId::from_bytes(&lp.to_bytes()) {
+                    if !order.contains(&p) {
+                        order.push(p);
+                    }
+                }
+            }
+        }
+        for p in order.into_iter().filter(|p| !tried.contains(p)).take(6) {
+            let Ok(link) = self.link_of(&p) else { continue };
+            let req = Request::Lease {
+                keys: vec![*key],
+                duration_ms: self.inner.cfg.lease.as_millis() as u64,
+            };
+            if let Ok(Response::Leases(mut g)) = self.call(&link, &req).await {
+                if let Some(Ok(g)) = g.pop() {
+                    return Some(Leased {
+                        key: *key,
+                        holder: p,
+                        len: g.len,
+                        grant: g,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads `key` into a new vector; `Ok(None)` if no live holder has it.
+    pub async fn get(&self, key: ObjectKey) -> Result<Option<Vec<u8>>> {
+        // Size is learnt from the lease; stage through a registered buffer.
+        let mut tried = HashSet::new();
+        let Some(l) = self.lease_excluding(&key, &tried).await else {
+            self.inner.metrics.gets.fetch_add(1, Relaxed);
+            self.inner.metrics.misses.fetch_add(1, Relaxed);
+            return Ok(None);
+        };
+        tried.insert(l.holder.clone());
+        let len = l.len;
+        self.release(vec![l]);
+        let staging = self.staging(len)?;
+        let r = self.get_into(key, &staging, 0, len).await;
+        let out = match r {
+            Ok(Some(n)) => {
+                let mut v = vec![0u8; n as usize];
+                staging
+                    .read_at(0, &mut v)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                Ok(Some(v))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        self.unstage(staging);
+        out
+    }
+
+    /// Reads many objects; one result per key (batched per holder).
+    pub async fn get_many(&self, keys: &[ObjectKey]) -> Vec<Result<Option<Vec<u8>>>> {
+        let leases = self.lease_many(keys, self.inner.cfg.lease).await;
+        let total: u64 = leases.iter().flatten().map(|l| l.len).sum();
+        let mut out: Vec<Result<Option<Vec<u8>>>> = (0..keys.len()).map(|_| Ok(None)).collect();
+        if total == 0 {
+            self.inner
+                .metrics
+                .misses
+                .fetch_add(keys.len() as u64, Relaxed);
+            return out;
+        }
+        let staging = match self.staging(total) {
+            Ok(s) => s,
+            Err(e) => {
+                return keys
+                    .iter()
+                    .map(|_| Err(Error::InvalidArgument(e.to_string())))
+                    .collect()
+            }
+        };
+        let mut offs = Vec::new();
+        let mut at = 0;
+        for l in leases.iter().flatten() {
+            offs.push(at);
+            at += l.len;
+        }
+        let items: Vec<(&Leased, &Region, u64)> = leases
+            .iter()
+            .flatten()
+            .zip(&offs)
+            .map(|(l, &o)| (l, &staging, o))
+            .collect();
+        let results = self.read_leased(&items).await;
+        let mut k = 0;
+        for (i, l) in leases.iter().enumerate() {
+            let Some(l) = l else { continue };
+            out[i] = match &results[k] {
+                Ok(()) => {
+                    let mut v = vec![0u8; l.len as usize];
+                    let _ = staging.read_at(offs[k], &mut v);
+                    Ok(Some(v))
+                }
+                // Fail over one by one for the keys whose batch failed.
+                Err(_) => {
+                    let key = keys[i];
+                    Box::pin(self.get(key)).await
+                }
+            };
+            k += 1;
+        }
+        self.release(leases.into_iter().flatten().collect());
+        self.unstage(staging);
+        out
+    }
+
+    /// How many leading keys of `keys` are stored anywhere (the prefix-cache
+    /// question). Asks each HRW holder once for all its keys.
+    pub async fn contains_prefix(&self, keys: &[ObjectKey]) -> Result<usize> {
+        let found = self.contains_flags(keys).await;
+        Ok(found.iter().take_while(|&&f| f).count())
+    }
+
+    async fn contains_flags(&self, keys: &[ObjectKey]) -> Vec<bool> {
+        let mut found = vec![false; keys.len()];
+        let members = self.candidates();
+        for round in 0..2 {
+            let mut ask: HashMap<PeerId, Vec<usize>> = HashMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                if found[i] {
+                    continue;
+                }
+                let order = if round == 0 {
+                    self.lookup_order(k)
+                } else {
+                    placement::ranked(k, &members)
+                };
+                if let Some(p) = order.get(round) {
+                    ask.entry(p.clone()).or_default().push(i);
+                }
+            }
+            let futs = ask.into_iter().map(|(peer, idx)| async move {
+                let ks: Vec<ObjectKey> = idx.iter().map(|&i| keys[i]).collect();
+                let r = match self.link_of(&peer) {
+                    Ok(link) => self.call(&link, &Request::Contains { keys: ks }).await,
+                    Err(e) => Err(e),
+                };
+                (idx, r)
+            });
+            for (idx, r) in futures::future::join_all(futs).await {
+                if let Ok(Response::Flags(f)) = r {
+                    for (j, x) in idx.iter().zip(f) {
+                        found[*j] |= x;
+                    }
+                }
+            }
+            if found.iter().all(|&f| f) {
+                break;
+            }
+        }
+        // The first key still missing may live off its HRW peers (after
+        // membership changes): ask the DHT for that one.
+        if let Some(i) = found.iter().position(|&f| !f) {
+            if !self.providers_of(&keys[i]).await.is_empty() {
+                found[i] = true;
+            }
+        }
+        found
+    }
+
+    async fn providers_of(&self, key: &ObjectKey) -> Vec<PeerId> {
+        let live: HashSet<PeerId> = self.inner.links.read().keys().cloned().collect();
+        self.inner
+            .net
+            .get_providers(key.as_bytes().to_vec())
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|lp| PeerId::from_bytes(&lp.to_bytes()).ok())
+            .filter(|p| live.contains(p))
+            .collect()
+    }
+
+    /// Live peers that hold `key`.
+    pub async fn locate(&self, key: ObjectKey) -> Result<Vec<PeerId>> {
+        let mut ask: Vec<PeerId> = self.inner.links.read().keys().cloned().collect();
+        ask.sort();
+        let futs = ask.into_iter().map(|p| async move {
+            let r = match self.link_of(&p) {
+                Ok(link) => {
+                    self.call(&link, &Request::Contains { keys: vec![key] })
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            (
+                p,
+                matches!(r, Ok(Response::Flags(f)) if f.first() == Some(&true)),
+            )
+        });
+        let mut holders: Vec<PeerId> = futures::future::join_all(futs)
+            .await
+            .into_iter()
+            .filter(|x| x.1)
+            .map(|x| x.0)
+            .collect();
+        holders.sort();
+        Ok(holders)
+    }
+
+    /// Figures of every live holder, by peer id text.
+    pub async fn cluster_stats(&self) -> Vec<(String, Result<rpc::HolderStat>)> {
+        let mut peers: Vec<PeerId> = self.inner.links.read().keys().cloned().collect();
+        peers.sort();
+        let futs = peers.into_iter().map(|p| async move {
+            let r = match self.link_of(&p) {
+                Ok(link) => match self.call(&link, &Request::Stat).await {
+                    Ok(Response::Stat(s)) => Ok(s),
+                    Ok(_) => Err(remote(ErrorKind::Invalid, "unexpected reply to stat")),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            (peer_id_text(&p), r)
+        });
+        futures::future::join_all(futs).await
+    }
+
+    /// Removes `key` from every live holder; returns how many had it.
+    pub async fn remove(&self, key: ObjectKey) -> Result<usize> {
+        let holders = self.locate(key).await?;
+        let mut n = 0;
+        for p in holders {
+            let link = self.link_of(&p)?;
+            if self.call(&link, &Request::Remove { key }).await.is_ok() {
+                n += 1;
+            }
+        }
+        self.inner.loc_cache.lock().remove(&key);
+        Ok(n)
+    }
+
+    // ---------------------------------------------------------------- repair
+
+    async fn repair(&self, lost: Vec<PeerId>) {
+        let (Some(holder), Some(pool)) = (&self.inner.holder, &self.inner.pool) else {
+            return;
+        };
+        tokio::time::sleep(self.inner.cfg.repair_delay).await;
+        let live = self.candidates();
+        let plan = {
+            let h = holder.lock();
+            let ctx = RepairContext::new(&self.inner.me, &live, &lost);
+            ctx.plan(h.index().iter().map(ReplicaSet::from))
+        };
+        if !plan.unrepairable.is_empty() {
+            tracing::warn!(
+                n = plan.unrepairable.len(),
+                "objects cannot get their replicas back: too few live peers"
+            );
+        }
+        let me_owner =
+            PeerId::from_bytes(&self.inner.engine.descriptor().engine_id).expect("16 bytes");
+        for task in plan.tasks {
+            let lease =
+                holder
+                    .lock()
+                    .lease(Instant::now(), &me_owner, &task.key, self.inner.cfg.lease);
+            let Ok(lease) = lease else { continue };
+            let mut ok = true;
+            for t in &task.targets {
+                let opts = PutOptions {
+                    replicas: task.replication,
+                    ..PutOptions::default()
+                };
+                let r = self
+                    .put_one(
+                        t,
+                        task.key,
+                        pool,
+                        lease.location.offset,
+                        lease.location.len,
+                        lease.checksum,
+                        opts,
+                        &task.holders,
+                    )
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(key = %task.key, target = %t, "repair copy failed: {e}");
+                    ok = false;
+                }
+            }
+            let _ = holder.lock().release(&me_owner, lease.id);
+            if ok {
+                let _ = holder.lock().set_holders(
+                    &task.key,
+                    task.replication as u8,
+                    task.holders.clone(),
+                );
+                for h in task
+                    .holders
+                    .iter()
+                    .filter(|h| **h != self.inner.me && !task.targets.contains(h))
+                {
+                    if let Ok(link) = self.link_of(h) {
+                        let req = Request::SetHolders {
+                            key: task.key,
+                            replication: task.replication as u8,
+                            holders: task.holders.clone(),
+                        };
+                        let _ = self.call(&link, &req).await;
+                    }
+                }
+                self.inner.metrics.repairs.fetch_add(1, Relaxed);
+            } else {
+                self.inner.metrics.repair_failures.fetch_add(1, Relaxed);
+            }
+        }
+        self.drain_holder_events();
+    }
+}
+
+impl Inner {
+    fn loc_cache_insert(&self, key: ObjectKey, peer: PeerId) {
+        let mut c = self.loc_cache.lock();
+        if c.len() >= MAX_LOC_CACHE {
+            c.clear();
+        }
+        c.insert(key, peer);
+    }
+}
+
+/// libp2p events: announces, join requests.
+async fn event_loop(store: Store, mut events: mpsc::Receiver<network::Event>) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            network::Event::Message { from, topic, data } if topic == MEMBERS_TOPIC => {
+                match Announce::decode(&data) {
+                    Ok(a) => {
+                        let src = PeerId::from_bytes(&from.to_bytes());
+                        if src.as_ref().ok() != Some(&a.peer) {
+                            tracing::warn!(%from, "announce for another peer refused");
+                            continue;
+                        }
+                        store.handle_announce(a);
+                    }
+                    Err(e) => tracing::debug!(%from, "bad announce: {e}"),
+                }
+            }
+            network::Event::ListenAddr(a) => {
+                let mut l = store.inner.listen.write();
+                if !l.contains(&a) {
+                    l.push(a);
+                }
+            }
+            network::Event::InboundRequest { peer, data, token } => {
+                let resp = match rpc::decode::<NetRequest>(&data) {
+                    Ok(NetRequest::Members) => {
+                        let m = store.inner.membership.lock();
+                        let list = m
+                            .live_members()
+                            .filter_map(|x| {
+                                let mut a = Announce::new(
+                                    x.peer.clone(),
+                                    x.incarnation,
+                                    x.seq,
+                                    x.capacity,
+                                    x.free,
+                                    x.engine_desc.clone(),
+                                );
+                                a.addrs = x.addrs.clone();
+                                a.load = x.load;
+                                a.encode().ok()
+                            })
+                            .collect();
+                        NetResponse::Members(list)
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, "bad request: {e}");
+                        NetResponse::Error(e)
+                    }
+                };
+                let _ = store.inner.net.respond(token, rpc::encode(&resp)).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Periodic work: announce, liveness, holder timeouts.
+async fn ticker(store: Store) {
+    let tick = (store.inner.cfg.announce_interval / 2)
+        .clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let mut next_announce = Instant::now();
+    loop {
+        let now = Instant::now();
+        if store.is_holder() && now >= next_announce {
+            let a = store.announce();
+            if let Ok(bytes) = a.encode() {
+                store.handle_announce(a);
+                let _ = store.inner.net.publish(MEMBERS_TOPIC, bytes).await;
+            }
+            next_announce = now + store.inner.cfg.announce_interval;
+        }
+        let dead = store.inner.membership.lock().poll_dead(Instant::now());
+        for ev in dead {
+            store.on_membership(ev, None);
+        }
+        if let Some(h) = &store.inner.holder {
+            let s = {
+                let mut h = h.lock();
+                h.handle_timeout(Instant::now());
+                h.index().stats()
+            };
+            store.drain_holder_events();
+            store.inner.metrics.objects.store(s.objects, Relaxed);
+            store
+                .inner
+                .metrics
+                .bytes_stored
+                .store(s.resident_bytes, Relaxed);
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// Holder side effects: SSD spills, provider records, repair.
+async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
+    while let Some(m) = rx.recv().await {
+        match m {
+            Maint::Provide(key) => {
+                let _ = store
+                    .inner
+                    .net
+                    .start_providing(key.as_bytes().to_vec())
+                    .await;
+            }
+            Maint::Repair(lost) => {
+                let s = store.clone();
+                tokio::spawn(async move { s.repair(lost).await });
+            }
+            Maint::Holder(ev) => match ev {
+                HolderEvent::Spill {
+                    key,
+                    location,
+                    checksum,
+                } => {
+                    let ok = match (&store.inner.ssd, &store.inner.pool) {
+                        (Some(ssd), Some(pool)) => {
+                            // SAFETY: the holder keeps a spilling object's pool
+                            // bytes allocated and unchanged until complete_spill.
+                            match unsafe { pool.slice(location.offset, location.len) } {
+                                Ok(bytes) => match ssd.lock().write(key, checksum, bytes) {
+                                    Ok(dropped) => {
+                                        if let Some(h) = &store.inner.holder {
+                                            let mut h = h.lock();
+                                            for k in dropped {
+                                                h.forget_ssd(&k);
+                                            }
+                                        }
+                                        true
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(%key, "spill failed: {e}");
+                                        false
+                                    }
+                                },
+                                Err(_) => false,
+                            }
+                        }
+                        _ => false,
+                    };
+                    if ok {
+                        store.inner.metrics.spills.fetch_add(1, Relaxed);
+                    }
+                    if let Some(h) = &store.inner.holder {
+                        h.lock().complete_spill(&key, ok);
+                    }
+                    store.drain_holder_events();
+                }
+                HolderEvent::Removed(r) => {
+                    store.inner.metrics.evictions.fetch_add(1, Relaxed);
+                    if r.on_ssd {
+                        if let Some(ssd) = &store.inner.ssd {
+                            let _ = ssd.lock().remove(&r.key);
+                        }
+                    }
+                    let _ = store
+                        .inner
+                        .net
+                        .stop_providing(r.key.as_bytes().to_vec())
+                        .await;
+                }
+                HolderEvent::Demoted { .. } => {
+                    store.inner.metrics.evictions.fetch_add(1, Relaxed);
+                }
+                HolderEvent::ReservationExpired { .. } | HolderEvent::LeaseExpired { .. } => {}
+            },
+        }
+    }
+}
