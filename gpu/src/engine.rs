@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub tcp_conns: u16,
     /// Largest piece of an operation sent as one request.
     pub slice_size: u64,
+    /// Send large TCP payloads with `vmsplice`+`splice` (no copy on the
+    /// sending side) instead of `writev`.
+    pub tcp_splice: bool,
     /// Serve the `shm` channel (same-host peers).
     pub shm: bool,
     /// Threads that run `shm` copies of large batches.
@@ -95,6 +98,7 @@ impl Default for EngineConfig {
             tcp_listen: "127.0.0.1:0".parse().expect("literal address"),
             tcp_conns: 2,
             slice_size: 1 << 20,
+            tcp_splice: true,
             shm: true,
             shm_threads: 2,
             shm_inline_bytes: 256 << 10,

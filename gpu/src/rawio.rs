@@ -156,3 +156,132 @@ pub(crate) async fn write_all<S: RawStream>(s: &S, buf: &[u8]) -> io::Result<()>
     // SAFETY: `buf` is borrowed for the call.
     unsafe { write_all_raw(s, &[(buf.as_ptr() as usize, buf.len())]).await }
 }
+
+/// A pipe used to send payloads without copying them: `vmsplice` puts
+/// references to the caller's pages into the pipe, `splice` moves them into
+/// the socket. The receiver copies once out of the socket, so a payload
+/// crosses the memory bus once on the sending side instead of twice.
+///
+/// The pages stay referenced until the peer has read them; the engine only
+/// reuses a written range after the peer acknowledged it (writes) or treats
+/// the bytes of an in-flight read as undefined (reads), as with RDMA.
+#[derive(Debug)]
+pub(crate) struct SplicePipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+    cap: usize,
+}
+
+/// Payloads at least this large go through the pipe; smaller ones through
+/// `writev` (the two syscalls per piece would cost more than the copy).
+pub(crate) const SPLICE_MIN: usize = 64 << 10;
+
+impl SplicePipe {
+    pub(crate) fn new() -> io::Result<SplicePipe> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptors we own.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // 1 MiB is the default pipe-max-size; keep the default on failure.
+        // SAFETY: fcntl on a descriptor we own.
+        let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        // SAFETY: as above.
+        let cap = if got > 0 {
+            got as usize
+        } else {
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) }.max(4096) as usize
+        };
+        Ok(SplicePipe { r, w, cap })
+    }
+}
+
+/// Sends `hdr` then `len` bytes at `addr`, the payload through `pipe`.
+///
+/// # Safety
+/// `addr..addr+len` must stay mapped for the call (the pages are referenced,
+/// not copied, so their content may still be read after it returns until the
+/// peer consumed it).
+pub(crate) async unsafe fn write_spliced<S: RawStream>(
+    s: &S,
+    pipe: &SplicePipe,
+    hdr: &[u8],
+    addr: usize,
+    len: usize,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    // Header first; MSG_MORE lets the kernel put it in the payload's segment.
+    let mut sent = 0;
+    while sent < hdr.len() {
+        let r = s.try_io_raw(Interest::WRITABLE, || {
+            // SAFETY: the header slice is valid for the call.
+            cvt(unsafe {
+                libc::send(
+                    fd,
+                    hdr[sent..].as_ptr().cast(),
+                    hdr.len() - sent,
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            })
+        });
+        match r {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.ready_for(Interest::WRITABLE).await?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let (pr, pw) = (pipe.r.as_raw_fd(), pipe.w.as_raw_fd());
+    let mut off = 0usize;
+    let mut in_pipe = 0usize;
+    while off < len || in_pipe > 0 {
+        if in_pipe == 0 {
+            let iov = libc::iovec {
+                iov_base: (addr + off) as *mut libc::c_void,
+                iov_len: (len - off).min(pipe.cap),
+            };
+            // SAFETY: the range is valid (caller); the pipe is empty, so a
+            // non-blocking vmsplice of at most its capacity makes progress.
+            let n = unsafe { libc::vmsplice(pw, &iov, 1, libc::SPLICE_F_NONBLOCK) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            in_pipe = n as usize;
+            off += n as usize;
+        }
+        let more = if off < len { libc::SPLICE_F_MORE } else { 0 };
+        let r = s.try_io_raw(Interest::WRITABLE, || {
+            // SAFETY: plain splice between descriptors we own.
+            cvt(unsafe {
+                libc::splice(
+                    pr,
+                    std::ptr::null_mut(),
+                    fd,
+                    std::ptr::null_mut(),
+                    in_pipe,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | more,
+                )
+            })
+        });
+        match r {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => in_pipe -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.ready_for(Interest::WRITABLE).await?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

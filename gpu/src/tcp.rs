@@ -24,7 +24,10 @@ use crate::batch::{BatchState, OpKind, BUSY, PENDING, SENT};
 use crate::engine::{Notification, Shared};
 use crate::error::ErrorKind;
 use crate::handshake;
-use crate::rawio::{discard, read_exact, read_exact_raw, write_all, write_all_raw};
+use crate::rawio::{
+    discard, read_exact, read_exact_raw, write_all, write_all_raw, write_spliced, SplicePipe,
+    SPLICE_MIN,
+};
 use crate::wire::{self, ReqHeader, RespHeader, CHANNEL_TCP};
 use crate::PeerDesc;
 
@@ -71,6 +74,13 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
     )
     .await
     .map_err(|_| "handshake timed out".to_string())??;
+    // Memfd-backed regions are sent without a copy (see `SplicePipe`);
+    // caller-registered memory too, since its pages are referenced, not moved.
+    let pipe = if shared.cfg.tcp_splice {
+        SplicePipe::new().ok()
+    } else {
+        None
+    };
     let mut hb = [0u8; std::mem::size_of::<ReqHeader>()];
     loop {
         match read_exact(s, &mut hb).await {
@@ -122,15 +132,25 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                 match shared.checked_region(region, offset, len) {
                     Ok(r) => {
                         let rh = RespHeader::new(wire::OP_READ, 0, id, len);
-                        let parts = [
-                            (rh.as_bytes().as_ptr() as usize, rh.as_bytes().len()),
-                            (r.ptr() as usize + offset as usize, len as usize),
-                        ];
-                        // SAFETY: header lives on this frame; payload bounds
-                        // checked and kept alive by `r`.
-                        unsafe { write_all_raw(s, &parts) }
-                            .await
-                            .map_err(|e| format!("read reply: {e}"))?;
+                        let payload = r.ptr() as usize + offset as usize;
+                        let sent = match &pipe {
+                            Some(p) if len as usize >= SPLICE_MIN => {
+                                // SAFETY: payload bounds checked and kept mapped by
+                                // `r`; its memfd pages outlive any reference.
+                                unsafe { write_spliced(s, p, rh.as_bytes(), payload, len as usize) }
+                                    .await
+                            }
+                            _ => {
+                                let parts = [
+                                    (rh.as_bytes().as_ptr() as usize, rh.as_bytes().len()),
+                                    (payload, len as usize),
+                                ];
+                                // SAFETY: header lives on this frame; payload
+                                // bounds checked and kept alive by `r`.
+                                unsafe { write_all_raw(s, &parts) }.await
+                            }
+                        };
+                        sent.map_err(|e| format!("read reply: {e}"))?;
                     }
                     Err(k) => {
                         tracing::warn!(region, offset, len, "refused read: {k}");
@@ -334,13 +354,18 @@ impl Lane {
         };
         let mut next_id = 1u64;
         let mut failed: Option<ErrorKind> = None;
+        let pipe = if shared.cfg.tcp_splice {
+            SplicePipe::new().ok()
+        } else {
+            None
+        };
         while let Some(job) = rx.recv().await {
             if let Some(k) = failed {
                 fail_job(job, k);
                 continue;
             }
             if let Err(k) = self
-                .send_job(&stream, &flight, &permits, job, &mut next_id)
+                .send_job(&stream, &flight, &permits, job, &mut next_id, pipe.as_ref())
                 .await
             {
                 failed = Some(k);
@@ -358,6 +383,7 @@ impl Lane {
         permits: &Semaphore,
         job: LaneJob,
         next_id: &mut u64,
+        pipe: Option<&SplicePipe>,
     ) -> Result<(), ErrorKind> {
         match job {
             LaneJob::Slices { batch, slices } => {
@@ -424,14 +450,28 @@ impl Lane {
                             if answered {
                                 h.flags = wire::FLAG_ACK;
                             }
-                            let parts = [
-                                (h.as_bytes().as_ptr() as usize, h.as_bytes().len()),
-                                (batch.local_ptr(i) as usize, sl.len as usize),
-                            ];
-                            // SAFETY: header on this frame; the payload range was
-                            // bounds-checked at submit and the batch holds the
-                            // region in use.
-                            unsafe { write_all_raw(s, &parts) }.await
+                            let payload = batch.local_ptr(i) as usize;
+                            match pipe {
+                                Some(p) if sl.len as usize >= SPLICE_MIN => {
+                                    // SAFETY: bounds-checked at submit; the batch holds
+                                    // the region in use until the peer acknowledged
+                                    // this write, i.e. read the referenced pages.
+                                    unsafe {
+                                        write_spliced(s, p, h.as_bytes(), payload, sl.len as usize)
+                                    }
+                                    .await
+                                }
+                                _ => {
+                                    let parts = [
+                                        (h.as_bytes().as_ptr() as usize, h.as_bytes().len()),
+                                        (payload, sl.len as usize),
+                                    ];
+                                    // SAFETY: header on this frame; the payload range
+                                    // was bounds-checked at submit and the batch holds
+                                    // the region in use.
+                                    unsafe { write_all_raw(s, &parts) }.await
+                                }
+                            }
                         }
                         OpKind::Read => {
                             let h =

@@ -84,6 +84,9 @@ struct Args {
     tcp_conns: u16,
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     slice_size: u64,
+    /// Send TCP payloads with writev copies instead of vmsplice+splice.
+    #[arg(long)]
+    no_splice: bool,
     /// Threads running shm copies of large batches.
     #[arg(long, default_value_t = 2)]
     shm_threads: usize,
@@ -98,6 +101,7 @@ fn engine_config(a: &Args) -> Result<EngineConfig> {
         tcp_conns: a.tcp_conns,
         slice_size: a.slice_size,
         shm_threads: a.shm_threads,
+        tcp_splice: !a.no_splice,
         ..EngineConfig::default()
     })
 }
