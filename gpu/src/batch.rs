@@ -165,6 +165,8 @@ pub(crate) struct BatchState {
     done: Mutex<bool>,
     cond: Condvar,
     waker: tokio::sync::Notify,
+    /// Where this batch's deadline is armed (disarmed on completion).
+    deadlines: Mutex<Option<Arc<crate::deadline::Deadlines>>>,
     /// Called once when all slices are terminal (sends notifications).
     pub(crate) on_slices_done: Mutex<Option<SlicesDoneHook>>,
 }
@@ -219,6 +221,7 @@ impl BatchState {
             cond: Condvar::new(),
             waker: tokio::sync::Notify::new(),
             on_slices_done: Mutex::new(None),
+            deadlines: Mutex::new(None),
         }
     }
 
@@ -324,6 +327,10 @@ impl BatchState {
         self.ops.iter().any(|o| o.error.load(SeqCst) != 0)
     }
 
+    pub(crate) fn set_deadlines(&self, d: Arc<crate::deadline::Deadlines>) {
+        *self.deadlines.lock() = Some(d);
+    }
+
     /// Slices not yet terminal.
     pub(crate) fn remaining(&self) -> usize {
         self.remaining.load(SeqCst)
@@ -358,6 +365,9 @@ impl BatchState {
             *d = true;
             // No slice touches local memory any more: release the regions.
             self.locals.lock().clear();
+            if let Some(d) = self.deadlines.lock().take() {
+                d.remove(self.deadline, self.id);
+            }
             self.cond.notify_all();
             self.waker.notify_waiters();
         }

@@ -143,6 +143,7 @@ pub(crate) struct Shared {
     copy_tx: crossbeam_channel::Sender<CopyJob>,
     rt: tokio::runtime::Handle,
     rpc: RwLock<Option<RpcHandler>>,
+    deadlines: Arc<crate::deadline::Deadlines>,
 }
 
 /// Answers RPCs from peers ([`Engine::call`]): gets the caller's engine id
@@ -339,7 +340,9 @@ impl Engine {
             copy_tx: shm::start_copy_threads(cfg.shm_threads),
             rt: rt.handle().clone(),
             rpc: RwLock::new(None),
+            deadlines: Arc::new(crate::deadline::Deadlines::default()),
         });
+        rt.spawn(shared.deadlines.clone().run());
         {
             let _g = rt.enter();
             let l = tokio::net::TcpListener::from_std(std_listener)
@@ -684,7 +687,6 @@ impl Engine {
             *state.on_slices_done.lock() =
                 Some(Box::new(move |b: Arc<BatchState>| me.send_notifications(b)));
         }
-        self.arm_deadline(&state, &groups, &peers);
         if state.slices.is_empty() {
             state.all_slices_done();
         }
@@ -693,6 +695,10 @@ impl Engine {
                 Route::Tcp(pid) => self.dispatch_tcp(&state, &peers[&pid], range),
                 Route::Shm(pid) => self.dispatch_shm(&state, &peers[&pid], range),
             }
+        }
+        // Batches copied inline are done already and need no deadline.
+        if !state.is_done() {
+            self.arm_deadline(&state, &groups, &peers);
         }
         Ok(Batch { state })
     }
@@ -783,13 +789,7 @@ impl Engine {
                 Route::Shm(_) => None,
             })
             .collect();
-        // Weak: a completed batch must not stay alive (holding its regions
-        // in use) until its deadline.
-        let st = Arc::downgrade(state);
-        let deadline = state.deadline;
-        self.shared().rt.spawn(async move {
-            tokio::time::sleep_until(deadline.into()).await;
-            let Some(st) = st.upgrade() else { return };
+        let on_expire: crate::deadline::OnExpire = Box::new(move |st: Arc<BatchState>| {
             if st.is_done() {
                 return;
             }
@@ -808,6 +808,13 @@ impl Engine {
                 st.notify_result(Err(ErrorKind::Timeout));
             }
         });
+        let d = &self.shared().deadlines;
+        state.set_deadlines(d.clone());
+        d.insert(state, on_expire);
+        if state.is_done() {
+            // Completed while being armed (inline copies): disarm.
+            d.remove(state.deadline, state.id);
+        }
     }
 
     fn send_notifications(&self, b: Arc<BatchState>) {

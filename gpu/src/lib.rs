@@ -25,6 +25,7 @@
 //! (engine-allocated memory is memfd-backed and mapped by the initiator).
 
 mod batch;
+mod deadline;
 mod desc;
 mod engine;
 mod error;

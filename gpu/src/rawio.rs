@@ -189,10 +189,10 @@ impl SplicePipe {
         // 1 MiB is the default pipe-max-size; keep the default on failure.
         // SAFETY: fcntl on a descriptor we own.
         let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-        // SAFETY: as above.
         let cap = if got > 0 {
             got as usize
         } else {
+            // SAFETY: fcntl on a descriptor we own.
             unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) }.max(4096) as usize
         };
         Ok(SplicePipe { r, w, cap })
