@@ -144,6 +144,9 @@ pub(crate) struct Shared {
     rt: tokio::runtime::Handle,
     rpc: RwLock<Option<RpcHandler>>,
     deadlines: Arc<crate::deadline::Deadlines>,
+    /// Wakes threads blocked in `recv_notification_timeout`.
+    notify_lock: Mutex<()>,
+    notify_cv: parking_lot::Condvar,
 }
 
 /// Answers RPCs from peers ([`Engine::call`]): gets the caller's engine id
@@ -190,6 +193,8 @@ impl Shared {
     /// connection) while the queue is full.
     pub(crate) async fn deliver(&self, n: Notification) {
         let _ = self.notify_tx.send(n).await;
+        let _g = self.notify_lock.lock();
+        self.notify_cv.notify_all();
     }
 }
 
@@ -341,6 +346,8 @@ impl Engine {
             rt: rt.handle().clone(),
             rpc: RwLock::new(None),
             deadlines: Arc::new(crate::deadline::Deadlines::default()),
+            notify_lock: Mutex::new(()),
+            notify_cv: parking_lot::Condvar::new(),
         });
         rt.spawn(shared.deadlines.clone().run());
         {
@@ -373,6 +380,11 @@ impl Engine {
     /// This engine's descriptor (contains the data-plane secret).
     pub fn descriptor(&self) -> PeerDesc {
         (*self.inner.shared.desc).clone()
+    }
+
+    /// The configuration this engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.shared.cfg
     }
 
     /// The bound TCP data-plane address.
@@ -926,14 +938,16 @@ impl Engine {
     /// Blocks up to `timeout` for the next notification.
     pub fn recv_notification_timeout(&self, timeout: Duration) -> Option<Notification> {
         let until = Instant::now() + timeout;
+        let sh = self.shared();
+        let mut g = sh.notify_lock.lock();
         loop {
+            // Checked under the lock `deliver` signals under: no lost wake-up.
             if let Some(n) = self.try_recv_notification() {
                 return Some(n);
             }
-            if Instant::now() >= until {
-                return None;
+            if sh.notify_cv.wait_until(&mut g, until).timed_out() {
+                return self.try_recv_notification();
             }
-            std::thread::sleep(Duration::from_micros(100));
         }
     }
 
