@@ -228,7 +228,17 @@ fn peer_without_the_secret_is_refused() {
             )
             .unwrap(),
         );
-        assert_eq!(st.result, Err(ErrorKind::AuthFailed), "{t:?}");
+        // A retry after a refused handshake is refused again; under heavy
+        // load the server's close can reach the client as a reset while it
+        // still writes its proof, which reads as a lost connection.
+        assert!(
+            matches!(
+                st.result,
+                Err(ErrorKind::AuthFailed | ErrorKind::ConnectionLost)
+            ),
+            "{t:?}: {:?}",
+            st.result
+        );
         let mut buf = vec![0u8; 4096];
         local.read_at(0, &mut buf).unwrap();
         assert!(

@@ -113,6 +113,10 @@ pub enum Error {
         /// The peer's (or transport's) message.
         message: String,
     },
+    /// This peer could not join the swarm (nothing reachable, or every
+    /// handshake refused, e.g. another pre-shared key).
+    #[error("cannot join the swarm: {0}")]
+    NotJoined(String),
     /// A file-system operation failed.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -188,7 +192,7 @@ impl Error {
             Error::UnsupportedVersion { .. }
             | Error::InvalidMessage(_)
             | Error::InvalidArgument(_) => ErrorKind::Invalid,
-            Error::InvalidConfig(_) | Error::Io { .. } => ErrorKind::Internal,
+            Error::InvalidConfig(_) | Error::Io { .. } | Error::NotJoined(_) => ErrorKind::Internal,
             Error::Remote { kind, .. } => *kind,
         }
     }

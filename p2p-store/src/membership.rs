@@ -32,9 +32,11 @@
 //! The local peer's own entry (fed by the event loop with its own announces)
 //! is never declared dead.
 //!
-//! Security note for the network layer: `Announce::peer` is a claim. The
-//! event loop must check it equals the authenticated source of the gossip
-//! message before calling [`Membership::handle_announce`].
+//! Note for the network layer: `Announce::peer` is a claim. The event loop
+//! must check it equals the source of the gossip message before calling
+//! [`Membership::handle_announce`] (the source is the author's claim
+//! relayed by pre-shared-key members, or proven by a signature when gossip
+//! signing is on; see `network`).
 //!
 //! Must not depend on: networking, async runtimes, the system clock (time is
 //! always an argument).

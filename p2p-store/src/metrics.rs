@@ -60,6 +60,9 @@ pub struct Metrics {
     pub promotions: AtomicU64,
     pub repairs: AtomicU64,
     pub repair_failures: AtomicU64,
+    pub integrity_failures: AtomicU64,
+    pub announces_sent: AtomicU64,
+    pub announces_received: AtomicU64,
     pub rpc_served: AtomicU64,
     pub peers_alive: AtomicU64,
     pub objects: AtomicU64,
@@ -179,6 +182,27 @@ impl Metrics {
         );
         c(
             &mut o,
+            "kvmesh_integrity_failures_total",
+            "Stored copies found damaged here (SSD files failing their checks).",
+            "counter",
+            &self.integrity_failures,
+        );
+        c(
+            &mut o,
+            "kvmesh_announces_sent_total",
+            "Membership announces published by this peer.",
+            "counter",
+            &self.announces_sent,
+        );
+        c(
+            &mut o,
+            "kvmesh_announces_received_total",
+            "Membership announces and goodbyes received by this peer.",
+            "counter",
+            &self.announces_received,
+        );
+        c(
+            &mut o,
             "kvmesh_rpc_served_total",
             "Store RPCs answered.",
             "counter",
@@ -219,16 +243,25 @@ impl Metrics {
     }
 }
 
+/// Scrapes served at once; more connections are closed unanswered.
+const MAX_METRICS_CONNS: usize = 16;
+
 /// Serves `GET /metrics` until the listener fails. Requests are read with a
 /// size and time bound; anything else gets 404.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Connection tasks live in the set: aborting `serve` ends them too.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             return;
         };
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_METRICS_CONNS {
+            continue;
+        }
         let m = metrics.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
             let read = tokio::time::timeout(Duration::from_secs(5), async {

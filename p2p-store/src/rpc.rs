@@ -91,6 +91,12 @@ pub struct HolderStat {
     pub spills: u64,
     pub repairs: u64,
     pub rpc_served: u64,
+    /// Leases outstanding on this holder.
+    pub leases: u64,
+    /// Reservations outstanding on this holder.
+    pub reservations: u64,
+    /// Stored copies found damaged here.
+    pub integrity_failures: u64,
 }
 
 /// Where a leased object is in the holder's pool.

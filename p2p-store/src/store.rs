@@ -9,10 +9,12 @@
 //!  Store::get ─► location cache / HRW candidates / Kademlia providers
 //!                 ─► Lease ─► engine READ ─► checksum ─► Release (async)
 //!  engine RPC handler ─► Holder ─► events ─► maintenance task (SSD spill, provider records)
-//!  member dead ─► release its leases/reservations ─► RepairContext ─► re-replicate
+//!  member dead / left ─► release its leases/reservations ─► RepairContext ─► re-replicate
+//!                        (retried every `repair_delay` while copies are still missing)
 //! ```
 //! Locks: `holder` before `ssd`, never the other way; no lock is held across
-//! an `.await`.
+//! an `.await`. Every task a store spawns is tracked and stopped by
+//! [`Store::shutdown`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use kvmesh_gpu::{
     BatchOptions, Engine, EngineConfig, EngineId, MemoryKind, Op, Region, RegionDesc, RemoteRegion,
 };
@@ -29,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::holder::{Holder, HolderConfig, HolderEvent, LeaseId, ReservationId};
-use crate::index::{IndexConfig, ObjectOptions, Pin};
+use crate::index::{IndexConfig, ObjectOptions, Pin, RemovalReason};
 use crate::key::{Checksum, ObjectKey};
 use crate::membership::{Announce, Membership, MembershipConfig, MembershipEvent};
 use crate::metrics::Metrics;
@@ -37,12 +40,28 @@ use crate::network::{self, Multiaddr, NetworkConfig};
 use crate::peer::PeerId;
 use crate::placement;
 use crate::pool::PoolConfig;
-use crate::repair::{RepairContext, ReplicaSet};
+use crate::repair::{RepairContext, RepairTask, ReplicaSet};
 use crate::rpc::{self, Grant, NetRequest, NetResponse, PinWire, Request, Response};
 use crate::ssd::{SsdConfig, SsdTier};
 
 /// Gossipsub topic of membership announces.
 pub const MEMBERS_TOPIC: &str = "kvmesh/members/1";
+/// Gossipsub topic of goodbyes ([`Leave`] messages).
+pub const LEAVE_TOPIC: &str = "kvmesh/leave/1";
+/// Wire version of [`Leave`].
+pub const LEAVE_VERSION: u16 = 1;
+
+/// A peer's goodbye, published on [`LEAVE_TOPIC`] when it shuts down, so the
+/// others repair at once instead of after `dead_after`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Leave {
+    /// Always [`LEAVE_VERSION`] when built here.
+    pub version: u16,
+    /// Who leaves (must equal the gossip message's source).
+    pub peer: PeerId,
+    /// The incarnation that ends.
+    pub incarnation: u64,
+}
 
 /// Configuration of a store peer.
 #[derive(Debug, Clone)]
@@ -77,6 +96,28 @@ pub struct StoreConfig {
     pub op_timeout: Duration,
     /// Replicas a put makes unless told otherwise.
     pub default_replicas: usize,
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<()> {
+        let durations = [
+            ("dead_after", self.dead_after),
+            ("announce_interval", self.announce_interval),
+            ("lease", self.lease),
+            ("reservation_ttl", self.reservation_ttl),
+            ("op_timeout", self.op_timeout),
+        ];
+        if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(Error::InvalidConfig(format!("{name} must be positive")));
+        }
+        if self.announce_interval >= self.dead_after {
+            return Err(Error::InvalidConfig(format!(
+                "announce_interval ({:?}) must be shorter than dead_after ({:?})",
+                self.announce_interval, self.dead_after
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreConfig {
@@ -127,6 +168,8 @@ impl Default for PutOptions {
 pub struct PeerInfo {
     pub peer_id: String,
     pub incarnation: u64,
+    /// Sequence number of its last announce this peer accepted.
+    pub seq: u64,
     pub capacity: u64,
     pub free: u64,
     pub load: u32,
@@ -150,6 +193,16 @@ pub struct StoreStats {
     pub misses: u64,
     pub evictions: u64,
     pub repairs: u64,
+    /// Leases other peers (or this one) hold on objects here.
+    pub leases: usize,
+    /// Reservations of puts in progress here.
+    pub reservations: usize,
+    /// Stored copies found damaged here (SSD files failing their checks).
+    pub integrity_failures: u64,
+    /// Membership announces this peer published.
+    pub announces_sent: u64,
+    /// Membership announces (and goodbyes) this peer received.
+    pub announces_received: u64,
 }
 
 /// A lease on one object at one holder, from [`Store::lease_many`].
@@ -175,6 +228,26 @@ enum Maint {
     Repair(Vec<PeerId>),
 }
 
+/// Where a get puts the bytes.
+#[derive(Clone, Copy)]
+enum Dest<'a> {
+    /// A caller's registered region: (region, offset, room).
+    Region(&'a Region, u64, u64),
+    /// A staging buffer sized from the lease, copied into a vector.
+    Vec,
+}
+
+/// Most holders a get asks for one key before it gives up.
+const MAX_GET_ATTEMPTS: usize = 4;
+/// Wait between tries of a put whose target is out of room for a moment
+/// (evicting or spilling).
+const PUT_RETRY_BACKOFF: Duration = Duration::from_millis(20);
+/// Objects a repair pass copies at once.
+const REPAIR_CONCURRENCY: usize = 8;
+/// How long a put keeps asking a target that is out of room before it moves
+/// on to the next peer.
+const NO_SPACE_RETRY: Duration = Duration::from_secs(2);
+
 struct Inner {
     cfg: StoreConfig,
     engine: Engine,
@@ -185,7 +258,6 @@ struct Inner {
     ssd: Option<Mutex<SsdTier>>,
     membership: Mutex<Membership>,
     links: RwLock<HashMap<PeerId, Link>>,
-    owners: Mutex<HashMap<PeerId, EngineId>>,
     maint: mpsc::UnboundedSender<Maint>,
     metrics: Arc<Metrics>,
     incarnation: u64,
@@ -195,6 +267,13 @@ struct Inner {
     closed: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     listen: RwLock<Vec<Multiaddr>>,
+    /// One repair pass at a time.
+    repair_lock: tokio::sync::Mutex<()>,
+    /// A repair pass left copies missing; the ticker runs another.
+    repair_pending: AtomicBool,
+    /// Live peers whose copies are gone (restarted), until a repair pass
+    /// has restored everything.
+    repair_lost: Mutex<Vec<PeerId>>,
 }
 
 /// A store peer (cheap to clone). Holds objects if `mem_bytes > 0`, and is
@@ -272,8 +351,13 @@ const STAGING_SLOTS: usize = 8;
 impl Store {
     /// Starts a peer: engine, DRAM pool, SSD tier, libp2p swarm, and joins
     /// through the bootstrap peers (waiting up to `op_timeout` for their
-    /// member lists). Must be called inside a tokio runtime.
+    /// member lists; a client with only mDNS waits for the first peer mDNS
+    /// finds). Must be called inside a tokio runtime.
+    ///
+    /// Not joining is not an error here (a holder may be the first peer);
+    /// [`Store::wait_for_members`] reports why nothing was joined.
     pub async fn start(cfg: StoreConfig) -> Result<Store> {
+        cfg.validate()?;
         let engine = Engine::new(cfg.engine.clone())
             .map_err(|e| Error::InvalidConfig(format!("engine: {e}")))?;
         let pool = if cfg.mem_bytes > 0 {
@@ -297,24 +381,38 @@ impl Store {
             bootstrap: cfg.bootstrap.clone(),
             psk,
             mdns: cfg.mdns,
+            request_timeout: cfg.op_timeout,
+            connect_timeout: cfg.op_timeout.min(Duration::from_secs(10)),
             ..NetworkConfig::new(network::Keypair::generate_ed25519())
         };
         let (net, events) = network::start(net_cfg)
             .await
             .map_err(|e| Error::InvalidConfig(format!("network: {e}")))?;
         let me = PeerId::from_bytes(&net.local_peer_id().to_bytes())?;
+        let mut restored = Vec::new();
         let (holder, ssd) = match &pool {
             Some(p) => {
-                let index = IndexConfig::new(PoolConfig::new(p.len()));
+                let mut index = IndexConfig::new(PoolConfig::new(p.len()));
+                index.spill_to_ssd = cfg.ssd.is_some();
                 let mut holder = Holder::new(HolderConfig::new(index))?;
                 let ssd = match &cfg.ssd {
                     Some((dir, cap)) => {
                         let (tier, report) = SsdTier::open(SsdConfig::new(dir.clone(), *cap))?;
                         let now = Instant::now();
                         for o in tier.iter_lru() {
-                            let _ = holder.restore_from_ssd(now, o.key, o.len, o.checksum);
+                            if holder
+                                .restore_from_ssd(now, o.key, o.len, o.checksum)
+                                .is_ok()
+                            {
+                                restored.push(o.key);
+                            }
                         }
-                        tracing::info!(?report, "ssd tier opened");
+                        tracing::info!(
+                            restored = report.restored.len(),
+                            removed = report.removed.len(),
+                            dropped = report.dropped.len(),
+                            "ssd tier opened"
+                        );
                         Some(Mutex::new(tier))
                     }
                     None => None,
@@ -336,7 +434,6 @@ impl Store {
             ssd,
             membership: Mutex::new(membership),
             links: RwLock::new(HashMap::new()),
-            owners: Mutex::new(HashMap::new()),
             maint: maint_tx,
             metrics: Arc::new(Metrics::default()),
             incarnation: now_unix_ms(),
@@ -346,59 +443,100 @@ impl Store {
             closed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             listen: RwLock::new(Vec::new()),
+            repair_lock: tokio::sync::Mutex::new(()),
+            repair_pending: AtomicBool::new(false),
+            repair_lost: Mutex::new(Vec::new()),
             cfg,
         });
         let store = Store { inner };
-        store.install_rpc_handler();
+        if let Err(e) = store.finish_start(events, maint_rx, restored).await {
+            store.shutdown().await;
+            return Err(e);
+        }
+        Ok(store)
+    }
+
+    async fn finish_start(
+        &self,
+        events: mpsc::Receiver<network::Event>,
+        maint_rx: mpsc::UnboundedReceiver<Maint>,
+        restored: Vec<ObjectKey>,
+    ) -> Result<()> {
+        self.install_rpc_handler();
         // Listen addresses go into announces; they appear shortly after start.
         let until = Instant::now() + Duration::from_secs(2);
         loop {
-            let addrs = store.inner.net.listen_addrs().await.unwrap_or_default();
+            let addrs = self.inner.net.listen_addrs().await.unwrap_or_default();
             if !addrs.is_empty() || Instant::now() >= until {
-                *store.inner.listen.write() = addrs;
+                *self.inner.listen.write() = addrs;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        store
-            .inner
-            .net
-            .subscribe(MEMBERS_TOPIC)
-            .await
-            .map_err(|e| Error::InvalidConfig(format!("subscribe: {e}")))?;
-        if store.is_holder() {
-            // Know ourselves at once (placement includes this peer).
-            let a = store.announce();
-            store.handle_announce(a);
+        for topic in [MEMBERS_TOPIC, LEAVE_TOPIC] {
+            self.inner
+                .net
+                .subscribe(topic)
+                .await
+                .map_err(|e| Error::InvalidConfig(format!("subscribe: {e}")))?;
         }
-        let mut tasks = vec![
-            tokio::spawn(event_loop(store.clone(), events)),
-            tokio::spawn(maintenance(store.clone(), maint_rx)),
-            tokio::spawn(ticker(store.clone())),
-        ];
-        if let Some(addr) = store.inner.cfg.metrics_addr {
+        if self.is_holder() {
+            // Know ourselves at once (placement includes this peer).
+            let a = self.announce();
+            self.handle_announce(a);
+        }
+        self.spawn(event_loop(self.clone(), events));
+        self.spawn(maintenance(self.clone(), maint_rx));
+        self.spawn(ticker(self.clone()));
+        if let Some(addr) = self.inner.cfg.metrics_addr {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::io(format!("metrics {addr}"), e))?;
-            tasks.push(tokio::spawn(crate::metrics::serve(
-                l,
-                store.inner.metrics.clone(),
-            )));
+            self.spawn(crate::metrics::serve(l, self.inner.metrics.clone()));
         }
-        store.inner.tasks.lock().extend(tasks);
-        store.join().await;
-        Ok(store)
+        for key in restored {
+            let _ = self.inner.maint.send(Maint::Provide(key));
+        }
+        self.join().await;
+        Ok(())
+    }
+
+    /// Runs `fut` as a task of this store (stopped by [`Store::shutdown`]).
+    /// Refused once the store is closed.
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.inner.tasks.lock();
+        if self.inner.closed.load(Relaxed) {
+            return;
+        }
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(fut));
     }
 
     /// Asks connected peers for their member lists until one answers or
-    /// `op_timeout` passes.
+    /// `op_timeout` passes. Joins through the bootstrap peers, or, for a
+    /// client with mDNS and no bootstrap, through the first peer found.
     async fn join(&self) {
-        if self.inner.cfg.bootstrap.is_empty() {
+        let mdns_client = self.inner.cfg.mdns && !self.is_holder();
+        if self.inner.cfg.bootstrap.is_empty() && !mdns_client {
             return;
         }
         let until = Instant::now() + self.inner.cfg.op_timeout;
         while Instant::now() < until {
             let peers = self.inner.net.connected_peers().await.unwrap_or_default();
+            if peers.is_empty() && !mdns_client {
+                // Every bootstrap address failed once and nothing is
+                // connected: the next redial is seconds away, give up now
+                // (`wait_for_members` reports why).
+                let failed = self
+                    .inner
+                    .net
+                    .recent_dial_errors()
+                    .await
+                    .unwrap_or_default();
+                if failed.len() >= self.inner.cfg.bootstrap.len() {
+                    break;
+                }
+            }
             for p in peers {
                 if let Ok(resp) = self
                     .inner
@@ -416,7 +554,49 @@ impl Store {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tracing::warn!("no bootstrap peer answered with its member list; relying on gossip");
+        tracing::warn!("no peer answered with its member list; relying on gossip");
+    }
+
+    /// Why this peer has no connection: the outcome of dialing each
+    /// bootstrap address once more (empty when some peer is connected).
+    async fn join_failure(&self) -> String {
+        if !self
+            .inner
+            .net
+            .connected_peers()
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return String::new();
+        }
+        if self.inner.cfg.bootstrap.is_empty() {
+            return if self.inner.cfg.mdns {
+                "no peer found by mDNS".into()
+            } else {
+                "no bootstrap address given and mDNS is off".into()
+            };
+        }
+        let mut reasons = self
+            .inner
+            .net
+            .recent_dial_errors()
+            .await
+            .unwrap_or_default();
+        reasons.dedup();
+        if reasons.is_empty() {
+            for addr in &self.inner.cfg.bootstrap {
+                match self.inner.net.dial(addr.clone()).await {
+                    Ok(_) => reasons.push(format!("{addr}: connected, but it sent no members")),
+                    Err(e) => reasons.push(e.to_string()),
+                }
+            }
+        }
+        format!(
+            "{}; check the bootstrap address and that every peer uses the same \
+             pre-shared key (a peer with another key cannot complete the handshake)",
+            reasons.join("; ")
+        )
     }
 
     /// This peer's id (the libp2p peer id).
@@ -454,10 +634,15 @@ impl Store {
                 return Ok(());
             }
             if Instant::now() >= until {
-                return Err(remote(
-                    ErrorKind::Internal,
-                    format!("only {live} of {n} members joined within {timeout:?}"),
-                ));
+                let why = self.join_failure().await;
+                return Err(if live == 0 && !why.is_empty() {
+                    Error::NotJoined(why)
+                } else {
+                    remote(
+                        ErrorKind::Internal,
+                        format!("only {live} of {n} members joined within {timeout:?}"),
+                    )
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -471,6 +656,7 @@ impl Store {
             .map(|x| PeerInfo {
                 peer_id: peer_id_text(&x.peer),
                 incarnation: x.incarnation,
+                seq: x.seq,
                 capacity: x.capacity,
                 free: x.free,
                 load: x.load,
@@ -485,13 +671,18 @@ impl Store {
     /// Counters of this peer.
     pub fn stats(&self) -> StoreStats {
         let m = &self.inner.metrics;
-        let (objects, bytes) = match &self.inner.holder {
+        let (objects, bytes, leases, reservations) = match &self.inner.holder {
             Some(h) => {
                 let h = h.lock();
                 let s = h.index().stats();
-                (h.index().len(), s.resident_bytes)
+                (
+                    h.index().len(),
+                    s.resident_bytes,
+                    h.leases().count(),
+                    h.reservations().count(),
+                )
             }
-            None => (0, 0),
+            None => (0, 0, 0, 0),
         };
         let (ssd_objects, ssd_bytes) = match &self.inner.ssd {
             Some(s) => {
@@ -514,7 +705,47 @@ impl Store {
             misses: m.misses.load(Relaxed),
             evictions: m.evictions.load(Relaxed),
             repairs: m.repairs.load(Relaxed),
+            leases,
+            reservations,
+            integrity_failures: m.integrity_failures.load(Relaxed),
+            announces_sent: m.announces_sent.load(Relaxed),
+            announces_received: m.announces_received.load(Relaxed),
         }
+    }
+
+    /// What this peer's libp2p layer has moved so far (bytes on the wire,
+    /// gossip messages).
+    pub fn traffic(&self) -> network::Traffic {
+        self.inner.net.traffic()
+    }
+
+    /// Peers in this peer's membership gossip mesh.
+    pub async fn gossip_mesh_peers(&self) -> usize {
+        self.inner
+            .net
+            .mesh_peers(MEMBERS_TOPIC)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Peers this peer has a libp2p connection to.
+    pub async fn connected_peers(&self) -> usize {
+        self.inner
+            .net
+            .connected_peers()
+            .await
+            .map_or(0, |p| p.len())
+    }
+
+    /// Background tasks of this store still running (0 after
+    /// [`Store::shutdown`]).
+    pub fn running_tasks(&self) -> usize {
+        self.inner
+            .tasks
+            .lock()
+            .iter()
+            .filter(|t| !t.is_finished())
+            .count()
     }
 
     /// The metrics registry (also served on `metrics_addr`).
@@ -522,15 +753,37 @@ impl Store {
         &self.inner.metrics
     }
 
-    /// Leaves the swarm: tells the others, stops the tasks.
+    /// Leaves the swarm: tells the others (a holder publishes a goodbye),
+    /// stops every task of this store and waits for them to end, closes the
+    /// libp2p swarm. Holder RPCs are refused from then on. Idempotent.
     pub async fn shutdown(&self) {
-        if self.inner.closed.swap(true, Relaxed) {
-            return;
-        }
-        let _ = self.inner.net.shutdown().await;
-        for t in self.inner.tasks.lock().drain(..) {
+        let tasks: Vec<_> = {
+            let mut t = self.inner.tasks.lock();
+            if self.inner.closed.swap(true, Relaxed) {
+                return;
+            }
+            t.drain(..).collect()
+        };
+        for t in &tasks {
             t.abort();
         }
+        for t in tasks {
+            let _ = t.await;
+        }
+        if self.is_holder() {
+            let bye = Leave {
+                version: LEAVE_VERSION,
+                peer: self.inner.me.clone(),
+                incarnation: self.inner.incarnation,
+            };
+            if let Ok(bytes) = postcard::to_stdvec(&bye) {
+                if self.inner.net.publish(LEAVE_TOPIC, bytes).await.is_ok() {
+                    // Give the connections a moment to flush the goodbye.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let _ = self.inner.net.shutdown().await;
     }
 
     // ------------------------------------------------------------ membership
@@ -581,12 +834,27 @@ impl Store {
         }
     }
 
+    fn handle_leave(&self, bye: &Leave) {
+        let ev =
+            self.inner
+                .membership
+                .lock()
+                .handle_leave(Instant::now(), &bye.peer, bye.incarnation);
+        if let Some(ev) = ev {
+            self.on_membership(ev, None);
+        }
+    }
+
     fn on_membership(&self, ev: MembershipEvent, desc: Option<Vec<u8>>) {
         tracing::info!(?ev, "membership");
         match &ev {
             MembershipEvent::Joined { peer, .. } => {
                 if let Some(d) = desc {
                     self.link(peer, &d);
+                }
+                // Copies that found no target before may find one now.
+                if self.inner.repair_pending.load(Relaxed) {
+                    let _ = self.inner.maint.send(Maint::Repair(Vec::new()));
                 }
             }
             MembershipEvent::Restarted { peer, .. } => {
@@ -614,10 +882,6 @@ impl Store {
                     pool: r,
                     engine_id: d.peer.engine_id,
                 };
-                self.inner.owners.lock().insert(
-                    PeerId::from_bytes(&d.peer.engine_id).expect("16 bytes"),
-                    d.peer.engine_id,
-                );
                 self.inner.links.write().insert(peer.clone(), link);
             }
             Err(e) => tracing::warn!(%peer, "member with an unusable engine descriptor: {e}"),
@@ -660,11 +924,14 @@ impl Store {
         self.inner
             .engine
             .set_rpc_handler(Arc::new(move |from: EngineId, req: &[u8]| {
-                let Some(inner) = weak.upgrade() else {
-                    return rpc::encode(&Response::Error {
-                        kind: ErrorKind::Internal,
-                        message: "shutting down".into(),
-                    });
+                let inner = match weak.upgrade() {
+                    Some(inner) if !inner.closed.load(Relaxed) => inner,
+                    _ => {
+                        return rpc::encode(&Response::Error {
+                            kind: ErrorKind::Internal,
+                            message: "shutting down".into(),
+                        })
+                    }
                 };
                 let store = Store { inner };
                 store.inner.metrics.rpc_served.fetch_add(1, Relaxed);
@@ -817,6 +1084,9 @@ impl Store {
                     spills: m.spills.load(Relaxed),
                     repairs: st.repairs,
                     rpc_served: m.rpc_served.load(Relaxed),
+                    leases: st.leases as u64,
+                    reservations: st.reservations as u64,
+                    integrity_failures: st.integrity_failures,
                 })
             }
         };
@@ -859,9 +1129,10 @@ impl Store {
         let len = h.index().get(key).map_or(0, |m| m.len);
         // SAFETY: `loc` was just allocated for this promotion: no engine op
         // or other object uses these pool bytes until complete_promote.
-        let dst = unsafe { pool.slice_mut(loc.offset, len) }
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let r = ssd.lock().read_into(key, dst);
+        let r = match unsafe { pool.slice_mut(loc.offset, len) } {
+            Ok(dst) => ssd.lock().read_into(key, dst),
+            Err(e) => Err(Error::InvalidArgument(e.to_string())),
+        };
         let ok = r.is_ok();
         h.complete_promote(Instant::now(), key, ok);
         match r {
@@ -871,10 +1142,15 @@ impl Store {
             }
             Err(e) => {
                 tracing::warn!(%key, "promotion from SSD failed: {e}");
+                if matches!(e, Error::Corrupt { .. } | Error::ChecksumMismatch { .. }) {
+                    self.inner.metrics.integrity_failures.fetch_add(1, Relaxed);
+                }
                 if matches!(
                     e,
                     Error::Corrupt { .. } | Error::NotFound(_) | Error::ChecksumMismatch { .. }
                 ) {
+                    // The only local copy is gone: the index drops the key
+                    // (its provider record is withdrawn by the event).
                     h.forget_ssd(key);
                 }
                 Err(e)
@@ -960,6 +1236,12 @@ impl Store {
 
     /// Stores `len` bytes of a registered region (no copy on this side).
     /// The range must not change until the call returns.
+    ///
+    /// The copies go to the first `opts.replicas` live holders in HRW order;
+    /// a target that fails (unreachable, full) is replaced by the next one
+    /// in that order. Succeeds when at least one copy is stored; every
+    /// holder then records where the copies really are, so repair counts
+    /// them right.
     pub async fn put_from(
         &self,
         key: ObjectKey,
@@ -981,27 +1263,60 @@ impl Store {
             self.inner.metrics.put_failures.fetch_add(1, Relaxed);
             return Err(remote(ErrorKind::NoSpace, "no live holder to put on"));
         }
-        let targets: Vec<PeerId> = ranked[..want].to_vec();
-        let futs = targets
-            .iter()
-            .map(|t| self.put_one(t, key, region, offset, len, checksum, opts, &targets));
-        let results = futures::future::join_all(futs).await;
-        let mut ok = 0;
+        let deadline = Instant::now() + self.inner.cfg.op_timeout;
+        // Holder list the commits carry: the planned targets.
+        let mut planned: Vec<PeerId> = ranked[..want].to_vec();
+        let mut round: Vec<PeerId> = planned.clone();
+        let mut next = want;
+        let mut stored: Vec<PeerId> = Vec::new();
+        let mut failures = 0usize;
         let mut last = None;
-        for r in results {
-            match r {
-                Ok(()) => ok += 1,
-                Err(e) => last = Some(e),
+        loop {
+            let futs = round.iter().map(|t| {
+                self.put_one(
+                    t, key, region, offset, len, checksum, opts, &planned, deadline,
+                )
+            });
+            let results = futures::future::join_all(futs).await;
+            let mut failed = 0;
+            for (t, r) in round.iter().zip(results) {
+                match r {
+                    Ok(()) => stored.push(t.clone()),
+                    Err(e) => {
+                        tracing::debug!(%key, target = %t, "put copy failed: {e}");
+                        failed += 1;
+                        last = Some(e);
+                    }
+                }
             }
+            failures += failed;
+            // Replace the failed targets with the next peers in HRW order,
+            // a bounded number of times.
+            if failed == 0 || next >= ranked.len() || failures > want + 2 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            round = ranked[next..].iter().take(failed).cloned().collect();
+            next += round.len();
+            planned = stored.iter().chain(round.iter()).cloned().collect();
         }
-        if ok == 0 {
+        if stored.is_empty() {
             self.inner.metrics.put_failures.fetch_add(1, Relaxed);
             return Err(last.unwrap_or_else(|| remote(ErrorKind::Internal, "put failed")));
         }
-        if let Some(e) = last {
-            tracing::warn!(%key, "put stored {ok} of {want} replicas: {e}");
+        if failures > 0 {
+            if stored.len() < want {
+                if let Some(e) = &last {
+                    tracing::warn!(%key, "put stored {} of {want} replicas: {e}", stored.len());
+                }
+            }
+            // Some commits named a peer that has no copy: record the real set.
+            stored.sort();
+            self.set_holders_on(key, want, &stored).await;
         }
-        self.inner.loc_cache_insert(key, targets[0].clone());
+        self.inner.loc_cache_insert(key, stored[0].clone());
         let m = &self.inner.metrics;
         m.puts.fetch_add(1, Relaxed);
         m.put_bytes.fetch_add(len, Relaxed);
@@ -1009,6 +1324,29 @@ impl Store {
         Ok(())
     }
 
+    /// Tells each of `holders` that `key`'s copies are exactly `holders`.
+    async fn set_holders_on(&self, key: ObjectKey, replication: usize, holders: &[PeerId]) {
+        let req = Request::SetHolders {
+            key,
+            replication: replication.clamp(1, 255) as u8,
+            holders: holders.to_vec(),
+        };
+        let futs = holders.iter().map(|h| {
+            let req = &req;
+            async move {
+                if let Ok(link) = self.link_of(h) {
+                    if let Err(e) = self.call(&link, req).await {
+                        tracing::debug!(%key, holder = %h, "set holders failed: {e}");
+                    }
+                }
+            }
+        });
+        futures::future::join_all(futs).await;
+    }
+
+    /// One copy: reserve on `target`, engine WRITE, commit. A target that is
+    /// out of room for a moment (evicting, spilling to SSD) is asked again
+    /// for a bounded time.
     #[allow(clippy::too_many_arguments)]
     async fn put_one(
         &self,
@@ -1020,23 +1358,35 @@ impl Store {
         checksum: Checksum,
         opts: PutOptions,
         holders: &[PeerId],
+        deadline: Instant,
     ) -> Result<()> {
         let link = self.link_of(target)?;
         let ttl_ms = self.inner.cfg.reservation_ttl.as_millis() as u64;
-        let (reservation, roff) = match self
-            .call(&link, &Request::Reserve { key, len, ttl_ms })
-            .await
-        {
-            Ok(Response::Reserved {
-                reservation,
-                offset,
-            }) => (reservation, offset),
-            Ok(_) => return Err(remote(ErrorKind::Invalid, "unexpected reply to reserve")),
-            Err(Error::Remote {
-                kind: ErrorKind::AlreadyExists,
-                ..
-            }) => return Ok(()),
-            Err(e) => return Err(e),
+        let retry_until = deadline.min(Instant::now() + NO_SPACE_RETRY);
+        let (reservation, roff) = loop {
+            match self
+                .call(&link, &Request::Reserve { key, len, ttl_ms })
+                .await
+            {
+                Ok(Response::Reserved {
+                    reservation,
+                    offset,
+                }) => break (reservation, offset),
+                Ok(_) => return Err(remote(ErrorKind::Invalid, "unexpected reply to reserve")),
+                Err(Error::Remote {
+                    kind: ErrorKind::AlreadyExists,
+                    ..
+                }) => return Ok(()),
+                // Only the holder says NoSpace (transport failures map to
+                // other kinds), so this never spins on a dead peer.
+                Err(Error::Remote {
+                    kind: ErrorKind::NoSpace,
+                    ..
+                }) if Instant::now() + PUT_RETRY_BACKOFF < retry_until => {
+                    tokio::time::sleep(PUT_RETRY_BACKOFF).await;
+                }
+                Err(e) => return Err(e),
+            }
         };
         let op = Op::write(region.id(), offset, link.pool, roff, len);
         let st = self.transfer(&[op]).await;
@@ -1259,8 +1609,11 @@ impl Store {
     }
 
     /// Reads `key` into a registered region at `offset` (at most `max_len`
-    /// bytes). `Ok(None)` if no live holder has it. Fails over to the next
-    /// replica when a holder dies mid-read or returns bad bytes.
+    /// bytes); returns its length. `Ok(None)` if no live holder has it.
+    /// Fails over to the next replica when a holder dies mid-read, returns
+    /// bad bytes, or finds its stored copy damaged; never leaves bad bytes
+    /// reported as good. An error when copies exist but none could be read
+    /// intact (a checksum or integrity failure is reported as such).
     pub async fn get_into(
         &self,
         key: ObjectKey,
@@ -1268,119 +1621,180 @@ impl Store {
         offset: u64,
         max_len: u64,
     ) -> Result<Option<u64>> {
+        Ok(self
+            .fetch(key, Dest::Region(region, offset, max_len))
+            .await?
+            .map(|(len, _)| len))
+    }
+
+    /// Reads `key` into a new vector; `Ok(None)` if no live holder has it.
+    /// Same fail-over as [`Store::get_into`].
+    pub async fn get(&self, key: ObjectKey) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .fetch(key, Dest::Vec)
+            .await?
+            .map(|(_, v)| v.unwrap_or_default()))
+    }
+
+    /// The get path: lease on one holder, read, verify, release; on a failed
+    /// read the next holder, at most [`MAX_GET_ATTEMPTS`] holders in all.
+    async fn fetch(
+        &self,
+        key: ObjectKey,
+        dest: Dest<'_>,
+    ) -> Result<Option<(u64, Option<Vec<u8>>)>> {
         let t0 = Instant::now();
-        self.inner.metrics.gets.fetch_add(1, Relaxed);
+        let m = &self.inner.metrics;
+        m.gets.fetch_add(1, Relaxed);
         let mut tried: HashSet<PeerId> = HashSet::new();
+        let mut damaged: Option<(PeerId, String)> = None;
         let mut last_err = None;
-        for _attempt in 0..4 {
-            let leased = self.lease_excluding(&key, &tried).await;
-            let Some(l) = leased else { break };
+        for _attempt in 0..MAX_GET_ATTEMPTS {
+            let Some(l) = self.lease_for_get(&key, &tried, &mut damaged).await else {
+                break;
+            };
             tried.insert(l.holder.clone());
-            if l.len > max_len {
-                self.release(vec![l.clone()]);
-                return Err(Error::InvalidArgument(format!(
-                    "object is {} bytes, buffer has {max_len}",
-                    l.len
-                )));
-            }
-            let r = self
-                .read_leased(&[(&l, region, offset)])
-                .await
-                .pop()
-                .unwrap_or(Ok(()));
+            let r = match dest {
+                Dest::Region(region, off, room) => {
+                    if l.len > room {
+                        self.release(vec![l.clone()]);
+                        return Err(Error::InvalidArgument(format!(
+                            "object is {} bytes, buffer has {room}",
+                            l.len
+                        )));
+                    }
+                    self.read_leased(&[(&l, region, off)])
+                        .await
+                        .pop()
+                        .unwrap_or(Ok(()))
+                        .map(|()| None)
+                }
+                Dest::Vec => {
+                    let staging = match self.staging(l.len) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.release(vec![l.clone()]);
+                            return Err(e);
+                        }
+                    };
+                    let r = self
+                        .read_leased(&[(&l, &staging, 0)])
+                        .await
+                        .pop()
+                        .unwrap_or(Ok(()))
+                        .and_then(|()| {
+                            let mut v = vec![0u8; l.len as usize];
+                            staging
+                                .read_at(0, &mut v)
+                                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                            Ok(Some(v))
+                        });
+                    self.unstage(staging);
+                    r
+                }
+            };
             self.release(vec![l.clone()]);
             match r {
-                Ok(()) => {
+                Ok(v) => {
                     self.inner.loc_cache_insert(key, l.holder.clone());
-                    let m = &self.inner.metrics;
                     m.hits.fetch_add(1, Relaxed);
                     m.get_bytes.fetch_add(l.len, Relaxed);
                     m.get_latency.observe(t0.elapsed());
-                    return Ok(Some(l.len));
+                    return Ok(Some((l.len, v)));
                 }
                 Err(e) => {
                     tracing::warn!(%key, holder = %l.holder, "read failed, trying another replica: {e}");
-                    self.inner.metrics.get_failovers.fetch_add(1, Relaxed);
+                    m.get_failovers.fetch_add(1, Relaxed);
                     self.inner.loc_cache.lock().remove(&key);
                     last_err = Some(e);
                 }
             }
         }
-        match last_err {
-            Some(e) => Err(e),
-            None => {
-                self.inner.metrics.misses.fetch_add(1, Relaxed);
-                Ok(None)
-            }
+        if let Some(e) = last_err {
+            return Err(e);
         }
+        if let Some((holder, message)) = damaged {
+            return Err(remote(
+                ErrorKind::Integrity,
+                format!(
+                    "{key}: the copy on {} is corrupt ({message}) and no intact replica was found",
+                    peer_id_text(&holder)
+                ),
+            ));
+        }
+        m.misses.fetch_add(1, Relaxed);
+        Ok(None)
     }
 
-    async fn lease_excluding(&self, key: &ObjectKey, tried: &HashSet<PeerId>) -> Option<Leased> {
-        if tried.is_empty() {
-            return self
-                .lease_many(std::slice::from_ref(key), self.inner.cfg.lease)
-                .await
-                .pop()
-                .flatten();
-        }
-        // After a failure: ask the remaining candidates one by one.
-        let mut order = self.lookup_order(key);
-        if let Ok(ps) = self.inner.net.get_providers(key.as_bytes().to_vec()).await {
-            for lp in ps {
-                if let Ok(p) = PeerId::from_bytes(&lp.to_bytes()) {
-                    if !order.contains(&p) {
-                        order.push(p);
-                    }
-                }
+    /// Leases `key` on the first holder that grants it, skipping `skip`: up
+    /// to three peers in lookup order, then up to three providers from the
+    /// DHT. A holder that reports its copy damaged is remembered in
+    /// `damaged`.
+    async fn lease_for_get(
+        &self,
+        key: &ObjectKey,
+        skip: &HashSet<PeerId>,
+        damaged: &mut Option<(PeerId, String)>,
+    ) -> Option<Leased> {
+        let mut asked: HashSet<PeerId> = skip.clone();
+        let first: Vec<PeerId> = self
+            .lookup_order(key)
+            .into_iter()
+            .filter(|p| !skip.contains(p))
+            .take(3)
+            .collect();
+        for p in first {
+            asked.insert(p.clone());
+            if let Some(l) = self.lease_at(&p, key, damaged).await {
+                return Some(l);
             }
         }
-        for p in order.into_iter().filter(|p| !tried.contains(p)).take(6) {
-            let Ok(link) = self.link_of(&p) else { continue };
-            let req = Request::Lease {
-                keys: vec![*key],
-                duration_ms: self.inner.cfg.lease.as_millis() as u64,
-            };
-            if let Ok(Response::Leases(mut g)) = self.call(&link, &req).await {
-                if let Some(Ok(g)) = g.pop() {
-                    return Some(Leased {
-                        key: *key,
-                        holder: p,
-                        len: g.len,
-                        grant: g,
-                    });
-                }
+        let more: Vec<PeerId> = self
+            .providers_of(key)
+            .await
+            .into_iter()
+            .filter(|p| !asked.contains(p))
+            .take(3)
+            .collect();
+        for p in more {
+            if let Some(l) = self.lease_at(&p, key, damaged).await {
+                return Some(l);
             }
         }
         None
     }
 
-    /// Reads `key` into a new vector; `Ok(None)` if no live holder has it.
-    pub async fn get(&self, key: ObjectKey) -> Result<Option<Vec<u8>>> {
-        // Size is learnt from the lease; stage through a registered buffer.
-        let mut tried = HashSet::new();
-        let Some(l) = self.lease_excluding(&key, &tried).await else {
-            self.inner.metrics.gets.fetch_add(1, Relaxed);
-            self.inner.metrics.misses.fetch_add(1, Relaxed);
-            return Ok(None);
+    async fn lease_at(
+        &self,
+        peer: &PeerId,
+        key: &ObjectKey,
+        damaged: &mut Option<(PeerId, String)>,
+    ) -> Option<Leased> {
+        let link = self.link_of(peer).ok()?;
+        let req = Request::Lease {
+            keys: vec![*key],
+            duration_ms: self.inner.cfg.lease.as_millis() as u64,
         };
-        tried.insert(l.holder.clone());
-        let len = l.len;
-        self.release(vec![l]);
-        let staging = self.staging(len)?;
-        let r = self.get_into(key, &staging, 0, len).await;
-        let out = match r {
-            Ok(Some(n)) => {
-                let mut v = vec![0u8; n as usize];
-                staging
-                    .read_at(0, &mut v)
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                Ok(Some(v))
+        match self.call(&link, &req).await {
+            Ok(Response::Leases(mut g)) => match g.pop() {
+                Some(Ok(g)) => Some(Leased {
+                    key: *key,
+                    holder: peer.clone(),
+                    len: g.len,
+                    grant: g,
+                }),
+                Some(Err(ErrorKind::Integrity)) => {
+                    *damaged = Some((peer.clone(), "its stored file failed its checks".into()));
+                    None
+                }
+                _ => None,
+            },
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(%key, peer = %peer, "lease failed: {e}");
+                None
             }
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        self.unstage(staging);
-        out
+        }
     }
 
     /// Reads many objects; one result per key (batched per holder).
@@ -1567,81 +1981,158 @@ impl Store {
 
     // ---------------------------------------------------------------- repair
 
+    /// One repair pass: waits `repair_delay` (a flapping peer may come back),
+    /// plans against the live members ([`RepairContext`]), and makes the
+    /// copies this peer leads, several objects at once. Passes run one at a
+    /// time. When copies are still missing afterwards (a copy failed, or too
+    /// few peers are live) `repair_pending` stays set and the ticker (or the
+    /// next join) runs another pass.
     async fn repair(&self, lost: Vec<PeerId>) {
-        let (Some(holder), Some(pool)) = (&self.inner.holder, &self.inner.pool) else {
+        if self.inner.holder.is_none() {
             return;
-        };
+        }
+        {
+            let mut l = self.inner.repair_lost.lock();
+            for p in lost {
+                if !l.contains(&p) {
+                    l.push(p);
+                }
+            }
+        }
         tokio::time::sleep(self.inner.cfg.repair_delay).await;
+        let _one_pass = self.inner.repair_lock.lock().await;
+        if self.inner.closed.load(Relaxed) {
+            return;
+        }
+        self.inner.repair_pending.store(false, Relaxed);
+        let lost: Vec<PeerId> = self.inner.repair_lost.lock().clone();
         let live = self.candidates();
-        let plan = {
-            let h = holder.lock();
-            let ctx = RepairContext::new(&self.inner.me, &live, &lost);
-            ctx.plan(h.index().iter().map(ReplicaSet::from))
+        let plan = match &self.inner.holder {
+            Some(holder) => {
+                let h = holder.lock();
+                let ctx = RepairContext::new(&self.inner.me, &live, &lost);
+                ctx.plan(h.index().iter().map(ReplicaSet::from))
+            }
+            None => return,
         };
+        let mut incomplete = false;
         if !plan.unrepairable.is_empty() {
+            incomplete = true;
             tracing::warn!(
                 n = plan.unrepairable.len(),
-                "objects cannot get their replicas back: too few live peers"
+                "objects cannot get their replicas back yet: too few live peers"
             );
         }
-        let me_owner =
-            PeerId::from_bytes(&self.inner.engine.descriptor().engine_id).expect("16 bytes");
-        for task in plan.tasks {
-            let lease =
-                holder
-                    .lock()
-                    .lease(Instant::now(), &me_owner, &task.key, self.inner.cfg.lease);
-            let Ok(lease) = lease else { continue };
-            let mut ok = true;
-            for t in &task.targets {
-                let opts = PutOptions {
-                    replicas: task.replication,
-                    ..PutOptions::default()
-                };
-                let r = self
-                    .put_one(
-                        t,
-                        task.key,
-                        pool,
-                        lease.location.offset,
-                        lease.location.len,
-                        lease.checksum,
-                        opts,
-                        &task.holders,
-                    )
-                    .await;
-                if let Err(e) = r {
+        if !plan.tasks.is_empty() {
+            tracing::info!(tasks = plan.tasks.len(), ?lost, "repairing");
+        }
+        let results = futures::stream::iter(plan.tasks)
+            .map(|task| async move { self.repair_one(&task).await })
+            .buffer_unordered(REPAIR_CONCURRENCY)
+            .collect::<Vec<bool>>()
+            .await;
+        incomplete |= results.iter().any(|ok| !ok);
+        self.drain_holder_events();
+        if incomplete {
+            self.inner.repair_pending.store(true, Relaxed);
+        } else {
+            self.inner.repair_lost.lock().clear();
+        }
+    }
+
+    /// Copies one object to a repair task's targets and records the new
+    /// holder set everywhere. `false` if a copy is still missing.
+    async fn repair_one(&self, task: &RepairTask) -> bool {
+        let (Some(holder), Some(pool)) = (&self.inner.holder, &self.inner.pool) else {
+            return false;
+        };
+        let me_owner = self.local_owner();
+        let now = Instant::now();
+        let (pin, ttl) = match holder.lock().index().get(&task.key) {
+            Some(meta) => (
+                meta.pin,
+                meta.expires_at.map(|at| at.saturating_duration_since(now)),
+            ),
+            // Gone since the plan (evicted, expired, removed): nothing to do.
+            None => return true,
+        };
+        if ttl.is_some_and(|t| t.is_zero()) {
+            return true;
+        }
+        // Leasing keeps the bytes in place during the copies; an object on
+        // SSD only is promoted first.
+        let grant = match self.lease_local(now, &me_owner, &task.key, self.inner.cfg.lease) {
+            Ok(g) => g,
+            Err(ErrorKind::NotFound) => return true,
+            Err(kind) => {
+                tracing::warn!(key = %task.key, ?kind, "cannot read the local copy to repair it");
+                self.inner.metrics.repair_failures.fetch_add(1, Relaxed);
+                return false;
+            }
+        };
+        let opts = PutOptions {
+            replicas: task.replication,
+            pin,
+            ttl,
+        };
+        let deadline = Instant::now() + self.inner.cfg.op_timeout;
+        let futs = task.targets.iter().map(|t| {
+            self.put_one(
+                t,
+                task.key,
+                pool,
+                grant.offset,
+                grant.len,
+                grant.checksum,
+                opts,
+                &task.holders,
+                deadline,
+            )
+        });
+        let results = futures::future::join_all(futs).await;
+        let _ = holder.lock().release(&me_owner, LeaseId(grant.lease));
+        let mut holders: Vec<PeerId> = task
+            .holders
+            .iter()
+            .filter(|h| !task.targets.contains(h))
+            .cloned()
+            .collect();
+        let mut ok = true;
+        for (t, r) in task.targets.iter().zip(results) {
+            match r {
+                Ok(()) => holders.push(t.clone()),
+                Err(e) => {
                     tracing::warn!(key = %task.key, target = %t, "repair copy failed: {e}");
                     ok = false;
                 }
             }
-            let _ = holder.lock().release(&me_owner, lease.id);
-            if ok {
-                let _ = holder.lock().set_holders(
-                    &task.key,
-                    task.replication as u8,
-                    task.holders.clone(),
-                );
-                for h in task
-                    .holders
-                    .iter()
-                    .filter(|h| **h != self.inner.me && !task.targets.contains(h))
-                {
-                    if let Ok(link) = self.link_of(h) {
-                        let req = Request::SetHolders {
-                            key: task.key,
-                            replication: task.replication as u8,
-                            holders: task.holders.clone(),
-                        };
-                        let _ = self.call(&link, &req).await;
-                    }
-                }
-                self.inner.metrics.repairs.fetch_add(1, Relaxed);
-            } else {
-                self.inner.metrics.repair_failures.fetch_add(1, Relaxed);
-            }
         }
-        self.drain_holder_events();
+        holders.sort();
+        // Every holder, old and new, records where the copies are now (the
+        // new ones got the planned list with their commit; it differs when
+        // a copy failed).
+        let _ = holder
+            .lock()
+            .set_holders(&task.key, task.replication as u8, holders.clone());
+        let others: Vec<PeerId> = holders
+            .iter()
+            .filter(|h| **h != self.inner.me && (!ok || !task.targets.contains(h)))
+            .cloned()
+            .collect();
+        self.set_holders_on(task.key, task.replication, &others)
+            .await;
+        if ok {
+            self.inner.metrics.repairs.fetch_add(1, Relaxed);
+        } else {
+            self.inner.metrics.repair_failures.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    /// This peer as the owner of leases it takes on its own holder.
+    fn local_owner(&self) -> PeerId {
+        PeerId::from_bytes(&self.inner.engine.descriptor().engine_id)
+            .expect("an engine id is 16 bytes")
     }
 }
 
@@ -1655,11 +2146,12 @@ impl Inner {
     }
 }
 
-/// libp2p events: announces, join requests.
+/// libp2p events: announces, goodbyes, join requests.
 async fn event_loop(store: Store, mut events: mpsc::Receiver<network::Event>) {
     while let Some(ev) = events.recv().await {
         match ev {
             network::Event::Message { from, topic, data } if topic == MEMBERS_TOPIC => {
+                store.inner.metrics.announces_received.fetch_add(1, Relaxed);
                 match Announce::decode(&data) {
                     Ok(a) => {
                         let src = PeerId::from_bytes(&from.to_bytes());
@@ -1670,6 +2162,23 @@ async fn event_loop(store: Store, mut events: mpsc::Receiver<network::Event>) {
                         store.handle_announce(a);
                     }
                     Err(e) => tracing::debug!(%from, "bad announce: {e}"),
+                }
+            }
+            network::Event::Message { from, topic, data } if topic == LEAVE_TOPIC => {
+                store.inner.metrics.announces_received.fetch_add(1, Relaxed);
+                match postcard::from_bytes::<Leave>(&data) {
+                    Ok(bye) if bye.version == LEAVE_VERSION => {
+                        let src = PeerId::from_bytes(&from.to_bytes());
+                        if src.as_ref().ok() != Some(&bye.peer) {
+                            tracing::warn!(%from, "goodbye for another peer refused");
+                            continue;
+                        }
+                        store.handle_leave(&bye);
+                    }
+                    Ok(bye) => {
+                        tracing::debug!(%from, version = bye.version, "goodbye of another version")
+                    }
+                    Err(e) => tracing::debug!(%from, "bad goodbye: {e}"),
                 }
             }
             network::Event::ListenAddr(a) => {
@@ -1712,20 +2221,41 @@ async fn event_loop(store: Store, mut events: mpsc::Receiver<network::Event>) {
     }
 }
 
-/// Periodic work: announce, liveness, holder timeouts.
+/// Periodic work: announce, liveness, holder timeouts, repair retries.
 async fn ticker(store: Store) {
     let tick = (store.inner.cfg.announce_interval / 2)
         .clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let repair_retry = (store.inner.cfg.repair_delay * 4).max(Duration::from_secs(1));
+    let interval = store.inner.cfg.announce_interval;
+    // A new peer announces at once, then 250 ms, 500 ms, 1 s, ... apart up
+    // to `announce_interval`, so the others learn of it within about a
+    // second of the gossip mesh forming even with a long interval. A
+    // publish that finds no subscriber yet is retried at the next tick.
+    let mut ramp = Duration::from_millis(250).min(interval);
     let mut next_announce = Instant::now();
+    let mut next_repair = Instant::now() + repair_retry;
     loop {
         let now = Instant::now();
         if store.is_holder() && now >= next_announce {
             let a = store.announce();
+            let mut sent = false;
             if let Ok(bytes) = a.encode() {
                 store.handle_announce(a);
-                let _ = store.inner.net.publish(MEMBERS_TOPIC, bytes).await;
+                sent = store.inner.net.publish(MEMBERS_TOPIC, bytes).await.is_ok();
             }
-            next_announce = now + store.inner.cfg.announce_interval;
+            if sent {
+                store.inner.metrics.announces_sent.fetch_add(1, Relaxed);
+                next_announce = now + ramp;
+                ramp = (ramp * 2).min(interval);
+            } else {
+                next_announce = now + tick;
+            }
+        }
+        if now >= next_repair {
+            if store.inner.repair_pending.swap(false, Relaxed) {
+                let _ = store.inner.maint.send(Maint::Repair(Vec::new()));
+            }
+            next_repair = now + repair_retry;
         }
         let dead = store.inner.membership.lock().poll_dead(Instant::now());
         for ev in dead {
@@ -1749,6 +2279,49 @@ async fn ticker(store: Store) {
     }
 }
 
+/// Writes a spilling object's pool bytes to the SSD tier, on a blocking
+/// thread. The SSD lock is taken and released there, never while the holder
+/// lock is held (the lock order is holder, then SSD).
+async fn spill(
+    store: &Store,
+    key: ObjectKey,
+    location: crate::pool::Allocation,
+    checksum: Checksum,
+) -> bool {
+    let s = store.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let (Some(ssd), Some(pool)) = (&s.inner.ssd, &s.inner.pool) else {
+            return Err("no SSD tier".to_string());
+        };
+        // SAFETY: the holder keeps a spilling object's pool bytes allocated
+        // and unchanged until complete_spill, which runs after this returns.
+        let bytes =
+            unsafe { pool.slice(location.offset, location.len) }.map_err(|e| e.to_string())?;
+        let r = ssd.lock().write(key, checksum, bytes);
+        r.map_err(|e| e.to_string())
+    })
+    .await;
+    match written {
+        Ok(Ok(dropped)) => {
+            if let Some(h) = &store.inner.holder {
+                let mut h = h.lock();
+                for k in dropped {
+                    h.forget_ssd(&k);
+                }
+            }
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%key, "spill failed: {e}");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(%key, "spill task failed: {e}");
+            false
+        }
+    }
+}
+
 /// Holder side effects: SSD spills, provider records, repair.
 async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
     while let Some(m) = rx.recv().await {
@@ -1762,7 +2335,7 @@ async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
             }
             Maint::Repair(lost) => {
                 let s = store.clone();
-                tokio::spawn(async move { s.repair(lost).await });
+                store.spawn(async move { s.repair(lost).await });
             }
             Maint::Holder(ev) => match ev {
                 HolderEvent::Spill {
@@ -1770,31 +2343,7 @@ async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
                     location,
                     checksum,
                 } => {
-                    let ok = match (&store.inner.ssd, &store.inner.pool) {
-                        (Some(ssd), Some(pool)) => {
-                            // SAFETY: the holder keeps a spilling object's pool
-                            // bytes allocated and unchanged until complete_spill.
-                            match unsafe { pool.slice(location.offset, location.len) } {
-                                Ok(bytes) => match ssd.lock().write(key, checksum, bytes) {
-                                    Ok(dropped) => {
-                                        if let Some(h) = &store.inner.holder {
-                                            let mut h = h.lock();
-                                            for k in dropped {
-                                                h.forget_ssd(&k);
-                                            }
-                                        }
-                                        true
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(%key, "spill failed: {e}");
-                                        false
-                                    }
-                                },
-                                Err(_) => false,
-                            }
-                        }
-                        _ => false,
-                    };
+                    let ok = spill(&store, key, location, checksum).await;
                     if ok {
                         store.inner.metrics.spills.fetch_add(1, Relaxed);
                     }
@@ -1804,7 +2353,12 @@ async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
                     store.drain_holder_events();
                 }
                 HolderEvent::Removed(r) => {
-                    store.inner.metrics.evictions.fetch_add(1, Relaxed);
+                    if matches!(
+                        r.reason,
+                        RemovalReason::Evicted | RemovalReason::SpillFailed
+                    ) {
+                        store.inner.metrics.evictions.fetch_add(1, Relaxed);
+                    }
                     if r.on_ssd {
                         if let Some(ssd) = &store.inner.ssd {
                             let _ = ssd.lock().remove(&r.key);
@@ -1821,6 +2375,122 @@ async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
                 }
                 HolderEvent::ReservationExpired { .. } | HolderEvent::LeaseExpired { .. } => {}
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The get path's fail-over, driven deterministically: one holder's
+    //! copy is made unreadable (bytes damaged in DRAM, or its pool region
+    //! gone from the data plane) while its lease RPCs still succeed.
+
+    use super::*;
+    use kvmesh_gpu::TransportKind;
+
+    fn config(mem: u64, bootstrap: Vec<Multiaddr>) -> StoreConfig {
+        StoreConfig {
+            bootstrap,
+            mem_bytes: mem,
+            engine: EngineConfig {
+                transport: TransportKind::Tcp,
+                io_threads: 1,
+                shm_threads: 1,
+                ..EngineConfig::default()
+            },
+            op_timeout: Duration::from_secs(5),
+            ..StoreConfig::default()
+        }
+    }
+
+    /// Two holders with one object on both, and a client that asks `first`
+    /// for it first. Returns (client, first, second, key, bytes).
+    async fn two_copies() -> (Store, Store, Store, ObjectKey, Vec<u8>) {
+        let a = Store::start(config(16 << 20, Vec::new())).await.unwrap();
+        let boot = a.listen_addrs().await[0]
+            .clone()
+            .with(libp2p::multiaddr::Protocol::P2p(
+                a.inner.net.local_peer_id(),
+            ));
+        let b = Store::start(config(16 << 20, vec![boot.clone()]))
+            .await
+            .unwrap();
+        let c = Store::start(config(0, vec![boot])).await.unwrap();
+        c.wait_for_members(2, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let key = ObjectKey::for_content(b"fail-over");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let opts = PutOptions {
+            replicas: 2,
+            ..PutOptions::default()
+        };
+        c.put(key, &data, opts).await.unwrap();
+        let first = c.inner.loc_cache.lock().get(&key).cloned().unwrap();
+        let (first, second) = if first == *a.peer_id() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        (c, first, second, key, data)
+    }
+
+    fn location(s: &Store, key: &ObjectKey) -> crate::pool::Allocation {
+        let h = s.inner.holder.as_ref().unwrap().lock();
+        h.index().get(key).unwrap().location.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn get_fails_over_when_a_copy_has_bad_bytes() {
+        let (c, first, second, key, data) = two_copies().await;
+        // Damage the first holder's DRAM copy behind the holder's back.
+        let loc = location(&first, &key);
+        let pool = first.inner.pool.as_ref().unwrap();
+        pool.write_at(loc.offset + 1000, &[0xAA; 16]).unwrap();
+        assert_eq!(c.get(key).await.unwrap(), Some(data.clone()));
+        let m = c.metrics();
+        assert_eq!(m.checksum_failures.load(Relaxed), 1);
+        assert_eq!(m.get_failovers.load(Relaxed), 1);
+        // The good copy is remembered for the next get.
+        assert_eq!(c.inner.loc_cache.lock().get(&key), Some(second.peer_id()));
+        // With both copies damaged, the get reports it and returns nothing.
+        let loc = location(&second, &key);
+        let pool = second.inner.pool.as_ref().unwrap();
+        pool.write_at(loc.offset + 7, &[0x55; 3]).unwrap();
+        let err = c.get(key).await.unwrap_err();
+        assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+        for s in [&c, &first, &second] {
+            s.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn get_fails_over_when_a_holder_cannot_serve_the_read() {
+        let (c, first, second, key, data) = two_copies().await;
+        // The first holder still grants leases, but its pool is gone from
+        // the data plane, as when it dies between lease and read.
+        let pool = first.inner.pool.as_ref().unwrap();
+        first
+            .inner
+            .engine
+            .deregister(pool, Duration::from_secs(1))
+            .unwrap();
+        let region = c.engine().alloc(1 << 20, MemoryKind::Host).unwrap();
+        let got = c.get_into(key, &region, 4096, 1 << 19).await.unwrap();
+        assert_eq!(got, Some(data.len() as u64));
+        let mut back = vec![0u8; data.len()];
+        region.read_at(4096, &mut back).unwrap();
+        assert!(back == data);
+        assert_eq!(c.metrics().get_failovers.load(Relaxed), 1);
+        // The failed holder's lease is released, the good one's too.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(first.stats().leases, 0);
+        assert_eq!(second.stats().leases, 0);
+        // Too small a buffer is refused, not truncated.
+        let err = c.get_into(key, &region, 0, 1000).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        for s in [&c, &first, &second] {
+            s.shutdown().await;
         }
     }
 }

@@ -18,7 +18,7 @@
 #define KVMESH_ABI_MAJOR 1
 
 // ABI minor version: bumped when fields are appended to the table.
-#define KVMESH_ABI_MINOR 0
+#define KVMESH_ABI_MINOR 1
 
 // Host (CPU) memory KV caches can be registered.
 #define KVMESH_CAP_HOST_MEMORY (1 << 0)
@@ -29,14 +29,20 @@
 // `push`, `poll_received`: P/D transfers between KV caches.
 #define KVMESH_CAP_PUSH (1 << 2)
 
-// Reserved: `lookup` of stored prefixes (a later minor version).
+// `store_context_create`, block keys and `lookup` of stored prefixes (ABI 1.1).
 #define KVMESH_CAP_LOOKUP (1 << 3)
 
-// Reserved: `save` of blocks to the peer store (a later minor version).
+// `save` of blocks to the peer store, with `save_layer` (ABI 1.1).
 #define KVMESH_CAP_SAVE (1 << 4)
 
-// Reserved: `load` of stored blocks, with `layer_ready` (a later minor version).
+// `load` of stored blocks, with `layer_ready` (ABI 1.1).
 #define KVMESH_CAP_LOAD (1 << 5)
+
+// `save` flags: the caller signals each written layer with `save_layer`.
+#define KVMESH_SAVE_PER_LAYER 1
+
+// `KvmeshBlockFailure::dst_block` of a save (the destination is an object).
+#define KVMESH_NO_BLOCK UINT32_MAX
 
 // `KvmeshLayoutSpec::dtype` values.
 #define KVMESH_DTYPE_F32 0
@@ -89,6 +95,9 @@
 // Bytes of a layout fingerprint.
 #define KVMESH_FINGERPRINT_BYTES 32
 
+// Longest `store_put` object (bytes).
+#define KVMESH_MAX_OBJECT_BYTES (64 << 20)
+
 // Result of every call. 0 is success, positive values are not errors,
 // negative values are.
 enum KvmeshStatus
@@ -131,6 +140,12 @@ enum KvmeshStatus
   KVMESH_STATUS_REMOTE = -15,
   // Internal error (a bug); the message says where.
   KVMESH_STATUS_INTERNAL = -16,
+  // Not stored (any more), or the lookup's lease ran out (ABI 1.1).
+  KVMESH_STATUS_NOT_FOUND = -17,
+  // Bytes did not match their checksum; nothing was trusted (ABI 1.1).
+  KVMESH_STATUS_INTEGRITY = -18,
+  // No store peer had room (ABI 1.1).
+  KVMESH_STATUS_NO_SPACE = -19,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -198,7 +213,7 @@ typedef uint64_t KvmeshKvCache;
 // Handle of a peer's KV cache imported into a context.
 typedef uint64_t KvmeshRemoteCache;
 
-// Handle of an asynchronous operation.
+// Handle of an asynchronous operation (push, save or load).
 typedef uint64_t KvmeshOp;
 
 // State of an operation.
@@ -252,7 +267,89 @@ typedef struct KvmeshReceived {
   uint8_t transfer_id[256];
 } KvmeshReceived;
 
-// The function table (ABI 1.0). Every function returns a `KvmeshStatus`;
+// Settings of `store_context_create` (ABI 1.1). Zero fields and NULL
+// pointers take the defaults.
+typedef struct KvmeshStoreConfig {
+  // `sizeof(KvmeshStoreConfig)`.
+  uint32_t struct_size;
+  // Copies each saved block gets (0: 1).
+  uint32_t replicas;
+  // Transfer engine settings; NULL for the defaults.
+  const struct KvmeshContextConfig *engine;
+  // libp2p listen multiaddr; NULL for "/ip4/127.0.0.1/tcp/0".
+  const char *listen;
+  // Peers to join through: multiaddrs separated by spaces, commas or
+  // newlines; NULL or "" for none (the first peer of a swarm).
+  const char *bootstrap;
+  // Pre-shared swarm key (the text of a swarm.key file); NULL for an
+  // open swarm.
+  const char *psk;
+  // DRAM this peer donates to the store; 0 for a peer that holds nothing.
+  uint64_t mem_bytes;
+  // Host staging memory per KV cache for save and load (0: 64 MiB).
+  uint64_t staging_bytes;
+  // Lease of a `lookup` whose `lease_ms` is 0 (0: 10000; at most 30000).
+  uint64_t default_lease_ms;
+  // Deadline of a save or load, layer signals included (0: 30000).
+  uint64_t op_timeout_ms;
+  // 1: find peers on the local network with mDNS.
+  uint32_t mdns;
+  // Threads running the store's I/O (0: 2).
+  uint32_t threads;
+} KvmeshStoreConfig;
+
+// What makes KV bytes of the same tokens differ (ABI 1.1). The layout's
+// dtype and fingerprint are added by the key functions.
+typedef struct KvmeshNamespace {
+  // `sizeof(KvmeshNamespace)`.
+  uint32_t struct_size;
+  // Tensor-parallel rank (each rank holds different heads).
+  uint32_t tp_rank;
+  // Model identity (e.g. a Hugging Face repo id); not NULL.
+  const char *model_id;
+  // Weight revision; NULL for "".
+  const char *weight_version;
+} KvmeshNamespace;
+
+// The 32-byte key of a block and of its whole prefix (ABI 1.1).
+typedef struct KvmeshBlockKey {
+  uint8_t bytes[32];
+} KvmeshBlockKey;
+
+// Handle of a lookup: the longest stored prefix of a key list, leased (ABI 1.1).
+typedef uint64_t KvmeshLookup;
+
+// Counters of a store context (ABI 1.1): the swarm as this peer sees it,
+// and lookups, saves and loads of its KV caches.
+typedef struct KvmeshStoreStats {
+  // `sizeof(KvmeshStoreStats)`, set by the caller.
+  uint32_t struct_size;
+  uint32_t reserved;
+  // Live store peers that hold objects.
+  uint64_t peers_alive;
+  // Objects and bytes this peer holds, and its capacity.
+  uint64_t objects;
+  uint64_t bytes_stored;
+  uint64_t capacity;
+  uint64_t lookups;
+  // Keys asked about by lookups, and keys found (stored prefixes).
+  uint64_t lookup_blocks;
+  uint64_t hit_blocks;
+  uint64_t saves;
+  uint64_t blocks_saved;
+  // Blocks a save found stored already (not sent again).
+  uint64_t blocks_save_skipped;
+  uint64_t bytes_saved;
+  uint64_t loads;
+  uint64_t blocks_loaded;
+  uint64_t bytes_loaded;
+  // Blocks of saves and loads that failed.
+  uint64_t blocks_failed;
+  // Lookups still holding leases.
+  uint64_t lookups_open;
+} KvmeshStoreStats;
+
+// The function table (ABI 1.1). Every function returns a `KvmeshStatus`;
 // `timeout_ms` arguments bound every wait.
 typedef struct KvmeshApi {
   // Bytes of this table that are valid (the caller's `sizeof(KvmeshApi)`).
@@ -355,6 +452,105 @@ typedef struct KvmeshApi {
                                 struct KvmeshReceived *out,
                                 size_t cap,
                                 size_t *len_out);
+  // Starts a context whose transfer engine is also a peer of the store
+  // swarm (joining through `config->bootstrap`). Every 1.0 function works
+  // on it; KV caches registered in it get `lookup`, `save` and `load`.
+  // `config` may be NULL for the defaults (a swarm of one client; give
+  // `mem_bytes` to hold objects). Joining waits at most 10 s for the
+  // bootstrap peers' member lists.
+  KvmeshStatus (*store_context_create)(const struct KvmeshStoreConfig *config, KvmeshContext *out);
+  // Writes the context's store listen addresses (multiaddrs ending in
+  // `/p2p/<peer id>`, one per line; a bootstrap value for other peers)
+  // into `buf` (NUL-terminated, `cap` bytes) and their length into `*len_out`.
+  KvmeshStatus (*store_addrs)(KvmeshContext ctx, char *buf, size_t cap, size_t *len_out);
+  // Waits up to `timeout_ms` until `n` store peers that hold objects are
+  // live (this one included if it holds).
+  KvmeshStatus (*store_wait_members)(KvmeshContext ctx, uint32_t n, uint64_t timeout_ms);
+  // Keys of the full blocks of `tokens` (`block_size` of `layout` each;
+  // a partial last block has none): `n_tokens / block_size` keys into
+  // `out[0..cap]`, their number into `*len_out`.
+  KvmeshStatus (*block_keys_from_tokens)(KvmeshLayout layout,
+                                         const struct KvmeshNamespace *ns,
+                                         const uint32_t *tokens,
+                                         size_t n_tokens,
+                                         struct KvmeshBlockKey *out,
+                                         size_t cap,
+                                         size_t *len_out);
+  // Keys from the caller's per-block hashes (`n_hashes` of `hash_len`
+  // bytes each, back to back; e.g. vLLM's block hashes), chained into
+  // the namespace.
+  KvmeshStatus (*block_keys_from_hashes)(KvmeshLayout layout,
+                                         const struct KvmeshNamespace *ns,
+                                         const uint8_t *hashes,
+                                         size_t hash_len,
+                                         size_t n_hashes,
+                                         struct KvmeshBlockKey *out,
+                                         size_t cap,
+                                         size_t *len_out);
+  // Finds the longest stored prefix of `keys` and leases it for
+  // `lease_ms` (0: the context default; at most 30 s): the holders keep
+  // those blocks until `lookup_release` or the lease's end, so a `load`
+  // started before then delivers them. Writes the number found into
+  // `*found_out` and a lookup handle (also when 0 were found) into `*out`.
+  KvmeshStatus (*lookup)(KvmeshKvCache cache,
+                         const struct KvmeshBlockKey *keys,
+                         size_t n_keys,
+                         uint64_t lease_ms,
+                         uint64_t timeout_ms,
+                         KvmeshLookup *out,
+                         size_t *found_out);
+  // Ends the lookup's leases and releases its handle (loads already
+  // started are not affected).
+  KvmeshStatus (*lookup_release)(KvmeshLookup lookup);
+  // Saves `blocks[i]` of `cache` under `keys[i]`, asynchronously. With
+  // `KVMESH_SAVE_PER_LAYER` in `flags` the caller signals each written
+  // layer with `save_layer` (the op ends by its deadline otherwise);
+  // without it every layer is taken as written. `cuda_event` (a CUevent,
+  // 0 for none) orders the save after GPU work: this build has no CUDA
+  // and refuses a non-zero event with `KVMESH_STATUS_UNSUPPORTED`.
+  // Leading blocks stored already are skipped. Failed blocks have
+  // `dst_block` `KVMESH_NO_BLOCK`.
+  KvmeshStatus (*save)(KvmeshKvCache cache,
+                       const uint32_t *blocks,
+                       const struct KvmeshBlockKey *keys,
+                       size_t n_blocks,
+                       uint32_t flags,
+                       uint64_t cuda_event,
+                       KvmeshOp *out);
+  // Per-layer save: layer `layer` of every block of the save is written.
+  KvmeshStatus (*save_layer)(KvmeshOp op, uint32_t layer);
+  // Loads blocks `first..first + n_blocks` of the lookup into
+  // `dst_blocks` of its cache, asynchronously and layer by layer.
+  // Failed blocks (`src_block` is the lookup entry) keep their old bytes
+  // or, for layouts loaded without staging, must be recomputed.
+  KvmeshStatus (*load)(KvmeshLookup lookup,
+                       size_t first,
+                       const uint32_t *dst_blocks,
+                       size_t n_blocks,
+                       KvmeshOp *out);
+  // Load: `KVMESH_STATUS_OK` once layer `layer` is in place for every
+  // block that loads (or the load has ended; its status tells which
+  // blocks failed); `KVMESH_STATUS_NOT_READY` if not yet and `timeout_ms`
+  // is 0, `KVMESH_STATUS_TIMEOUT` after waiting `timeout_ms`.
+  KvmeshStatus (*layer_ready)(KvmeshOp op, uint32_t layer, uint64_t timeout_ms);
+  KvmeshStatus (*store_stats)(KvmeshContext ctx, struct KvmeshStoreStats *out);
+  // Stores a small object (at most `KVMESH_MAX_OBJECT_BYTES`) under
+  // `key`, waiting up to `timeout_ms`. Idempotent.
+  KvmeshStatus (*store_put)(KvmeshContext ctx,
+                            const struct KvmeshBlockKey *key,
+                            const uint8_t *data,
+                            size_t len,
+                            uint64_t timeout_ms);
+  // Reads the object `key` into `buf[0..cap]` and its length into
+  // `*len_out`, waiting up to `timeout_ms`: `KVMESH_STATUS_NOT_FOUND`
+  // if no live peer holds it, `KVMESH_STATUS_BUFFER_TOO_SMALL` (with the
+  // length) if `cap` is short.
+  KvmeshStatus (*store_get)(KvmeshContext ctx,
+                            const struct KvmeshBlockKey *key,
+                            uint8_t *buf,
+                            size_t cap,
+                            size_t *len_out,
+                            uint64_t timeout_ms);
 } KvmeshApi;
 
 #ifdef __cplusplus

@@ -11,6 +11,9 @@ pub enum Error {
     /// The transfer engine refused or failed the request.
     #[error(transparent)]
     Engine(#[from] kvmesh_gpu::Error),
+    /// The peer store refused or failed the request.
+    #[error(transparent)]
+    Store(#[from] kvmesh_p2p_store::Error),
     /// A KV cache descriptor could not be decoded or is inconsistent.
     #[error("bad KV cache descriptor: {0}")]
     Descriptor(String),

@@ -12,6 +12,14 @@
 //!                                  │     op_status / op_wait / op_failed_blocks / op_cancel / op_release
 //!                                  ├─ poll (completed ops) · fence (deadline) · stats
 //!                                  └─ poll_received (transfer ids pushed into this context)
+//!
+//!  ABI 1.1, the peer store:
+//!  api.store_context_create ─► context that is also a store peer (a swarm member)
+//!       block_keys_from_tokens / block_keys_from_hashes (layout, namespace) ─► 32-byte keys
+//!       lookup(cache, keys, lease) ─► lookup (longest stored prefix, leased)
+//!       load(lookup, blocks) ─► op; layer_ready(op, layer, deadline)
+//!       save(cache, blocks, keys, per-layer?) ─► op; save_layer(op, layer)
+//!       store_put / store_get (small objects) · store_stats · store_addrs
 //! ```
 //!
 //! Rules every entry point follows:
@@ -26,11 +34,13 @@
 //!   `KVMESH_STATUS_INTERNAL`);
 //! - thread-safe; nothing blocks without a deadline argument.
 //!
-//! Versioning: a new minor version only appends fields to the table and
-//! sets new capability bits. ABI 1.0 has no prefix-store operations; the
-//! `lookup`, `save`, `load` and `layer_ready` entries (capability bits
-//! [`KVMESH_CAP_LOOKUP`], [`KVMESH_CAP_SAVE`], [`KVMESH_CAP_LOAD`]) arrive
-//! in a later minor version, appended after `poll_received`.
+//! Versioning: a new minor version only appends fields to the table (and
+//! values to enums) and sets new capability bits. ABI 1.1 appends the peer
+//! store after `poll_received`: store contexts, block keys, `lookup`,
+//! `save`, `load`, `layer_ready` (capability bits [`KVMESH_CAP_LOOKUP`],
+//! [`KVMESH_CAP_SAVE`], [`KVMESH_CAP_LOAD`]) and three statuses
+//! (`NOT_FOUND`, `INTEGRITY`, `NO_SPACE`). A caller built against 1.0 asks
+//! for the 1.0 table size and gets the 1.0 table.
 //!
 //! The header `include/kvmesh.h` is generated from this file by cbindgen
 //! (`tests/header.rs` fails when it is stale).
@@ -43,19 +53,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvmesh_gpu::{Engine, EngineConfig, ErrorKind, MemoryKind, TransportKind};
+use kvmesh_p2p_store::{ObjectKey, PutOptions, StoreConfig};
 use parking_lot::Mutex;
 
 use crate::cache::{KvCache, KvCacheDesc, RemoteKvCache};
 use crate::error::Error;
+use crate::keys::{BlockKey, ExtraKeys, KeyNamespace};
 use crate::layout::{
     BlockShape, DType, KvKind, KvLayout, KvLayoutSpec, LayerPlacement, LayoutError, Strides,
+};
+use crate::node::StoreNode;
+use crate::prefix::{
+    BlockErrorKind, Lookup, PrefixStats, PrefixStore, PrefixStoreConfig, StoreOp, StoreOpStatus,
 };
 use crate::push::{Push, PushInbox, PushStatus, MAX_TRANSFER_ID};
 
 /// ABI major version: bumped on incompatible change.
 pub const KVMESH_ABI_MAJOR: u32 = 1;
 /// ABI minor version: bumped when fields are appended to the table.
-pub const KVMESH_ABI_MINOR: u32 = 0;
+pub const KVMESH_ABI_MINOR: u32 = 1;
 
 /// Host (CPU) memory KV caches can be registered.
 pub const KVMESH_CAP_HOST_MEMORY: u64 = 1 << 0;
@@ -63,12 +79,17 @@ pub const KVMESH_CAP_HOST_MEMORY: u64 = 1 << 0;
 pub const KVMESH_CAP_GPU_MEMORY: u64 = 1 << 1;
 /// `push`, `poll_received`: P/D transfers between KV caches.
 pub const KVMESH_CAP_PUSH: u64 = 1 << 2;
-/// Reserved: `lookup` of stored prefixes (a later minor version).
+/// `store_context_create`, block keys and `lookup` of stored prefixes (ABI 1.1).
 pub const KVMESH_CAP_LOOKUP: u64 = 1 << 3;
-/// Reserved: `save` of blocks to the peer store (a later minor version).
+/// `save` of blocks to the peer store, with `save_layer` (ABI 1.1).
 pub const KVMESH_CAP_SAVE: u64 = 1 << 4;
-/// Reserved: `load` of stored blocks, with `layer_ready` (a later minor version).
+/// `load` of stored blocks, with `layer_ready` (ABI 1.1).
 pub const KVMESH_CAP_LOAD: u64 = 1 << 5;
+
+/// `save` flags: the caller signals each written layer with `save_layer`.
+pub const KVMESH_SAVE_PER_LAYER: u32 = 1;
+/// `KvmeshBlockFailure::dst_block` of a save (the destination is an object).
+pub const KVMESH_NO_BLOCK: u32 = u32::MAX;
 
 /// `KvmeshLayoutSpec::dtype` values.
 pub const KVMESH_DTYPE_F32: u32 = 0;
@@ -107,6 +128,8 @@ pub const KVMESH_MAX_TRANSFER_ID: u32 = 256;
 pub const KVMESH_ENGINE_ID_BYTES: u32 = 16;
 /// Bytes of a layout fingerprint.
 pub const KVMESH_FINGERPRINT_BYTES: u32 = 32;
+/// Longest `store_put` object (bytes).
+pub const KVMESH_MAX_OBJECT_BYTES: u64 = 64 << 20;
 
 /// Result of every call. 0 is success, positive values are not errors,
 /// negative values are.
@@ -148,6 +171,12 @@ pub enum KvmeshStatus {
     Remote = -15,
     /// Internal error (a bug); the message says where.
     Internal = -16,
+    /// Not stored (any more), or the lookup's lease ran out (ABI 1.1).
+    NotFound = -17,
+    /// Bytes did not match their checksum; nothing was trusted (ABI 1.1).
+    Integrity = -18,
+    /// No store peer had room (ABI 1.1).
+    NoSpace = -19,
 }
 
 /// Handle of a context (one transfer engine).
@@ -158,8 +187,10 @@ pub type KvmeshLayout = u64;
 pub type KvmeshKvCache = u64;
 /// Handle of a peer's KV cache imported into a context.
 pub type KvmeshRemoteCache = u64;
-/// Handle of an asynchronous operation.
+/// Handle of an asynchronous operation (push, save or load).
 pub type KvmeshOp = u64;
+/// Handle of a lookup: the longest stored prefix of a key list, leased (ABI 1.1).
+pub type KvmeshLookup = u64;
 
 /// Engine settings for `context_create`. Zero fields take the defaults.
 #[repr(C)]
@@ -270,7 +301,94 @@ pub struct KvmeshStats {
     pub kv_caches: u64,
 }
 
-/// The function table (ABI 1.0). Every function returns a `KvmeshStatus`;
+/// Settings of `store_context_create` (ABI 1.1). Zero fields and NULL
+/// pointers take the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KvmeshStoreConfig {
+    /// `sizeof(KvmeshStoreConfig)`.
+    pub struct_size: u32,
+    /// Copies each saved block gets (0: 1).
+    pub replicas: u32,
+    /// Transfer engine settings; NULL for the defaults.
+    pub engine: *const KvmeshContextConfig,
+    /// libp2p listen multiaddr; NULL for "/ip4/127.0.0.1/tcp/0".
+    pub listen: *const c_char,
+    /// Peers to join through: multiaddrs separated by spaces, commas or
+    /// newlines; NULL or "" for none (the first peer of a swarm).
+    pub bootstrap: *const c_char,
+    /// Pre-shared swarm key (the text of a swarm.key file); NULL for an
+    /// open swarm.
+    pub psk: *const c_char,
+    /// DRAM this peer donates to the store; 0 for a peer that holds nothing.
+    pub mem_bytes: u64,
+    /// Host staging memory per KV cache for save and load (0: 64 MiB).
+    pub staging_bytes: u64,
+    /// Lease of a `lookup` whose `lease_ms` is 0 (0: 10000; at most 30000).
+    pub default_lease_ms: u64,
+    /// Deadline of a save or load, layer signals included (0: 30000).
+    pub op_timeout_ms: u64,
+    /// 1: find peers on the local network with mDNS.
+    pub mdns: u32,
+    /// Threads running the store's I/O (0: 2).
+    pub threads: u32,
+}
+
+/// What makes KV bytes of the same tokens differ (ABI 1.1). The layout's
+/// dtype and fingerprint are added by the key functions.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KvmeshNamespace {
+    /// `sizeof(KvmeshNamespace)`.
+    pub struct_size: u32,
+    /// Tensor-parallel rank (each rank holds different heads).
+    pub tp_rank: u32,
+    /// Model identity (e.g. a Hugging Face repo id); not NULL.
+    pub model_id: *const c_char,
+    /// Weight revision; NULL for "".
+    pub weight_version: *const c_char,
+}
+
+/// The 32-byte key of a block and of its whole prefix (ABI 1.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvmeshBlockKey {
+    pub bytes: [u8; 32],
+}
+
+/// Counters of a store context (ABI 1.1): the swarm as this peer sees it,
+/// and lookups, saves and loads of its KV caches.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KvmeshStoreStats {
+    /// `sizeof(KvmeshStoreStats)`, set by the caller.
+    pub struct_size: u32,
+    pub reserved: u32,
+    /// Live store peers that hold objects.
+    pub peers_alive: u64,
+    /// Objects and bytes this peer holds, and its capacity.
+    pub objects: u64,
+    pub bytes_stored: u64,
+    pub capacity: u64,
+    pub lookups: u64,
+    /// Keys asked about by lookups, and keys found (stored prefixes).
+    pub lookup_blocks: u64,
+    pub hit_blocks: u64,
+    pub saves: u64,
+    pub blocks_saved: u64,
+    /// Blocks a save found stored already (not sent again).
+    pub blocks_save_skipped: u64,
+    pub bytes_saved: u64,
+    pub loads: u64,
+    pub blocks_loaded: u64,
+    pub bytes_loaded: u64,
+    /// Blocks of saves and loads that failed.
+    pub blocks_failed: u64,
+    /// Lookups still holding leases.
+    pub lookups_open: u64,
+}
+
+/// The function table (ABI 1.1). Every function returns a `KvmeshStatus`;
 /// `timeout_ms` arguments bound every wait.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -411,6 +529,131 @@ pub struct KvmeshApi {
         cap: usize,
         len_out: *mut usize,
     ) -> KvmeshStatus,
+    // ---- ABI 1.1: the peer store ----
+    /// Starts a context whose transfer engine is also a peer of the store
+    /// swarm (joining through `config->bootstrap`). Every 1.0 function works
+    /// on it; KV caches registered in it get `lookup`, `save` and `load`.
+    /// `config` may be NULL for the defaults (a swarm of one client; give
+    /// `mem_bytes` to hold objects). Joining waits at most 10 s for the
+    /// bootstrap peers' member lists.
+    pub store_context_create: unsafe extern "C" fn(
+        config: *const KvmeshStoreConfig,
+        out: *mut KvmeshContext,
+    ) -> KvmeshStatus,
+    /// Writes the context's store listen addresses (multiaddrs ending in
+    /// `/p2p/<peer id>`, one per line; a bootstrap value for other peers)
+    /// into `buf` (NUL-terminated, `cap` bytes) and their length into `*len_out`.
+    pub store_addrs: unsafe extern "C" fn(
+        ctx: KvmeshContext,
+        buf: *mut c_char,
+        cap: usize,
+        len_out: *mut usize,
+    ) -> KvmeshStatus,
+    /// Waits up to `timeout_ms` until `n` store peers that hold objects are
+    /// live (this one included if it holds).
+    pub store_wait_members:
+        unsafe extern "C" fn(ctx: KvmeshContext, n: u32, timeout_ms: u64) -> KvmeshStatus,
+    /// Keys of the full blocks of `tokens` (`block_size` of `layout` each;
+    /// a partial last block has none): `n_tokens / block_size` keys into
+    /// `out[0..cap]`, their number into `*len_out`.
+    pub block_keys_from_tokens: unsafe extern "C" fn(
+        layout: KvmeshLayout,
+        ns: *const KvmeshNamespace,
+        tokens: *const u32,
+        n_tokens: usize,
+        out: *mut KvmeshBlockKey,
+        cap: usize,
+        len_out: *mut usize,
+    ) -> KvmeshStatus,
+    /// Keys from the caller's per-block hashes (`n_hashes` of `hash_len`
+    /// bytes each, back to back; e.g. vLLM's block hashes), chained into
+    /// the namespace.
+    pub block_keys_from_hashes: unsafe extern "C" fn(
+        layout: KvmeshLayout,
+        ns: *const KvmeshNamespace,
+        hashes: *const u8,
+        hash_len: usize,
+        n_hashes: usize,
+        out: *mut KvmeshBlockKey,
+        cap: usize,
+        len_out: *mut usize,
+    ) -> KvmeshStatus,
+    /// Finds the longest stored prefix of `keys` and leases it for
+    /// `lease_ms` (0: the context default; at most 30 s): the holders keep
+    /// those blocks until `lookup_release` or the lease's end, so a `load`
+    /// started before then delivers them. Writes the number found into
+    /// `*found_out` and a lookup handle (also when 0 were found) into `*out`.
+    pub lookup: unsafe extern "C" fn(
+        cache: KvmeshKvCache,
+        keys: *const KvmeshBlockKey,
+        n_keys: usize,
+        lease_ms: u64,
+        timeout_ms: u64,
+        out: *mut KvmeshLookup,
+        found_out: *mut usize,
+    ) -> KvmeshStatus,
+    /// Ends the lookup's leases and releases its handle (loads already
+    /// started are not affected).
+    pub lookup_release: unsafe extern "C" fn(lookup: KvmeshLookup) -> KvmeshStatus,
+    /// Saves `blocks[i]` of `cache` under `keys[i]`, asynchronously. With
+    /// `KVMESH_SAVE_PER_LAYER` in `flags` the caller signals each written
+    /// layer with `save_layer` (the op ends by its deadline otherwise);
+    /// without it every layer is taken as written. `cuda_event` (a CUevent,
+    /// 0 for none) orders the save after GPU work: this build has no CUDA
+    /// and refuses a non-zero event with `KVMESH_STATUS_UNSUPPORTED`.
+    /// Leading blocks stored already are skipped. Failed blocks have
+    /// `dst_block` `KVMESH_NO_BLOCK`.
+    pub save: unsafe extern "C" fn(
+        cache: KvmeshKvCache,
+        blocks: *const u32,
+        keys: *const KvmeshBlockKey,
+        n_blocks: usize,
+        flags: u32,
+        cuda_event: u64,
+        out: *mut KvmeshOp,
+    ) -> KvmeshStatus,
+    /// Per-layer save: layer `layer` of every block of the save is written.
+    pub save_layer: unsafe extern "C" fn(op: KvmeshOp, layer: u32) -> KvmeshStatus,
+    /// Loads blocks `first..first + n_blocks` of the lookup into
+    /// `dst_blocks` of its cache, asynchronously and layer by layer.
+    /// Failed blocks (`src_block` is the lookup entry) keep their old bytes
+    /// or, for layouts loaded without staging, must be recomputed.
+    pub load: unsafe extern "C" fn(
+        lookup: KvmeshLookup,
+        first: usize,
+        dst_blocks: *const u32,
+        n_blocks: usize,
+        out: *mut KvmeshOp,
+    ) -> KvmeshStatus,
+    /// Load: `KVMESH_STATUS_OK` once layer `layer` is in place for every
+    /// block that loads (or the load has ended; its status tells which
+    /// blocks failed); `KVMESH_STATUS_NOT_READY` if not yet and `timeout_ms`
+    /// is 0, `KVMESH_STATUS_TIMEOUT` after waiting `timeout_ms`.
+    pub layer_ready:
+        unsafe extern "C" fn(op: KvmeshOp, layer: u32, timeout_ms: u64) -> KvmeshStatus,
+    pub store_stats:
+        unsafe extern "C" fn(ctx: KvmeshContext, out: *mut KvmeshStoreStats) -> KvmeshStatus,
+    /// Stores a small object (at most `KVMESH_MAX_OBJECT_BYTES`) under
+    /// `key`, waiting up to `timeout_ms`. Idempotent.
+    pub store_put: unsafe extern "C" fn(
+        ctx: KvmeshContext,
+        key: *const KvmeshBlockKey,
+        data: *const u8,
+        len: usize,
+        timeout_ms: u64,
+    ) -> KvmeshStatus,
+    /// Reads the object `key` into `buf[0..cap]` and its length into
+    /// `*len_out`, waiting up to `timeout_ms`: `KVMESH_STATUS_NOT_FOUND`
+    /// if no live peer holds it, `KVMESH_STATUS_BUFFER_TOO_SMALL` (with the
+    /// length) if `cap` is short.
+    pub store_get: unsafe extern "C" fn(
+        ctx: KvmeshContext,
+        key: *const KvmeshBlockKey,
+        buf: *mut u8,
+        cap: usize,
+        len_out: *mut usize,
+        timeout_ms: u64,
+    ) -> KvmeshStatus,
 }
 
 /// The single exported entry point: copies the function table of ABI
@@ -466,13 +709,17 @@ pub unsafe extern "C" fn kvmesh_get_api(
 }
 
 /// Size of the ABI 1.0 table (the smallest a caller may ask for).
-const TABLE_1_0_SIZE: usize = std::mem::size_of::<KvmeshApi>();
+const TABLE_1_0_SIZE: usize = std::mem::offset_of!(KvmeshApi, store_context_create);
 
 const TABLE: KvmeshApi = KvmeshApi {
     struct_size: std::mem::size_of::<KvmeshApi>() as u32,
     abi_major: KVMESH_ABI_MAJOR as u16,
     abi_minor: KVMESH_ABI_MINOR as u16,
-    capabilities: KVMESH_CAP_HOST_MEMORY | KVMESH_CAP_PUSH,
+    capabilities: KVMESH_CAP_HOST_MEMORY
+        | KVMESH_CAP_PUSH
+        | KVMESH_CAP_LOOKUP
+        | KVMESH_CAP_SAVE
+        | KVMESH_CAP_LOAD,
     last_error: api_last_error,
     status_name: api_status_name,
     context_create: api_context_create,
@@ -497,6 +744,20 @@ const TABLE: KvmeshApi = KvmeshApi {
     fence: api_fence,
     stats: api_stats,
     poll_received: api_poll_received,
+    store_context_create: api_store_context_create,
+    store_addrs: api_store_addrs,
+    store_wait_members: api_store_wait_members,
+    block_keys_from_tokens: api_block_keys_from_tokens,
+    block_keys_from_hashes: api_block_keys_from_hashes,
+    lookup: api_lookup,
+    lookup_release: api_lookup_release,
+    save: api_save,
+    save_layer: api_save_layer,
+    load: api_load,
+    layer_ready: api_layer_ready,
+    store_stats: api_store_stats,
+    store_put: api_store_put,
+    store_get: api_store_get,
 };
 
 // ---------------------------------------------------------------------------
@@ -533,6 +794,18 @@ fn status_of_kind(k: ErrorKind) -> KvmeshStatus {
     }
 }
 
+fn status_of_store(k: kvmesh_p2p_store::ErrorKind) -> KvmeshStatus {
+    use kvmesh_p2p_store::ErrorKind as K;
+    match k {
+        K::NotFound | K::NotResident | K::BadHandle => KvmeshStatus::NotFound,
+        K::Integrity => KvmeshStatus::Integrity,
+        K::NoSpace | K::LimitExceeded => KvmeshStatus::NoSpace,
+        K::Invalid | K::TooLarge => KvmeshStatus::InvalidArgument,
+        K::Busy | K::AlreadyExists => KvmeshStatus::Busy,
+        _ => KvmeshStatus::Remote,
+    }
+}
+
 impl From<LayoutError> for FfiError {
     fn from(e: LayoutError) -> Self {
         let status = match e {
@@ -562,6 +835,7 @@ impl From<Error> for FfiError {
                 };
                 FfiError::new(status, g.to_string())
             }
+            Error::Store(e) => FfiError::new(status_of_store(e.kind()), e.to_string()),
             e @ (Error::Descriptor(_) | Error::Invalid(_) | Error::Closed(_)) => {
                 FfiError::new(KvmeshStatus::InvalidArgument, e.to_string())
             }
@@ -732,6 +1006,7 @@ enum Tag {
     Cache = 3,
     Remote = 4,
     Op = 5,
+    Lookup = 6,
 }
 
 impl Tag {
@@ -742,6 +1017,7 @@ impl Tag {
             Tag::Cache => "KV cache",
             Tag::Remote => "remote cache",
             Tag::Op => "operation",
+            Tag::Lookup => "lookup",
         }
     }
 
@@ -752,6 +1028,7 @@ impl Tag {
             3 => Tag::Cache,
             4 => Tag::Remote,
             5 => Tag::Op,
+            6 => Tag::Lookup,
             _ => return None,
         })
     }
@@ -764,6 +1041,7 @@ enum Object {
     Cache(Arc<CacheObj>),
     Remote(Arc<RemoteObj>),
     Op(Arc<OpObj>),
+    Lookup(Arc<LookupObj>),
 }
 
 impl Object {
@@ -774,6 +1052,7 @@ impl Object {
             Object::Cache(_) => Tag::Cache,
             Object::Remote(_) => Tag::Remote,
             Object::Op(_) => Tag::Op,
+            Object::Lookup(_) => Tag::Lookup,
         }
     }
 }
@@ -873,6 +1152,7 @@ getter!(get_layout, Layout, KvLayout);
 getter!(get_cache, Cache, CacheObj);
 getter!(get_remote, Remote, RemoteObj);
 getter!(get_op, Op, OpObj);
+getter!(get_lookup, Lookup, LookupObj);
 
 // ---------------------------------------------------------------------------
 // Objects behind the handles.
@@ -891,17 +1171,77 @@ struct Counters {
 struct Ctx {
     engine: Engine,
     inbox: PushInbox,
-    /// Handles created from this context (caches, remotes, ops).
+    /// Set for contexts made by `store_context_create`.
+    store: Option<StoreCtx>,
+    /// Handles created from this context (caches, remotes, ops, lookups).
     children: Mutex<Vec<u64>>,
     /// Live operations: (handle, op).
     ops: Mutex<Vec<(u64, Arc<OpObj>)>>,
     counters: Counters,
 }
 
+/// The store side of a store context.
+#[derive(Debug)]
+struct StoreCtx {
+    /// The peer and its runtime; shut down by `context_destroy`.
+    node: StoreNode,
+    prefix: PrefixStoreConfig,
+    /// Counters of KV caches deregistered already.
+    retired: Mutex<PrefixStats>,
+}
+
+impl Ctx {
+    fn store(&self) -> Result<&StoreCtx, FfiError> {
+        self.store.as_ref().ok_or_else(|| {
+            FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                "the context has no peer store (create it with store_context_create)",
+            )
+        })
+    }
+}
+
 #[derive(Debug)]
 struct CacheObj {
     ctx: Arc<Ctx>,
-    cache: KvCache,
+    cache: Arc<KvCache>,
+    /// Lookup, save and load (store contexts only).
+    prefix: Option<PrefixStore>,
+}
+
+impl CacheObj {
+    fn prefix(&self) -> Result<&PrefixStore, FfiError> {
+        self.prefix.as_ref().ok_or_else(|| {
+            FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                "the KV cache's context has no peer store (create it with store_context_create)",
+            )
+        })
+    }
+
+    /// Refuses new saves and loads of the cache, cancels those running and
+    /// waits up to `timeout` for them.
+    fn close_prefix(&self, timeout: Duration) -> Result<(), FfiError> {
+        let Some(p) = &self.prefix else {
+            return Ok(());
+        };
+        if !p.close(timeout) {
+            return Err(FfiError::new(
+                KvmeshStatus::Timeout,
+                "saves or loads of the KV cache are still running at the deadline",
+            ));
+        }
+        Ok(())
+    }
+
+    fn retire(&self) {
+        if let (Some(p), Some(st)) = (&self.prefix, &self.ctx.store) {
+            let mut s = p.stats();
+            s.ops_in_flight = 0;
+            s.lookups_open = 0;
+            *st.retired.lock() += s;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -911,8 +1251,22 @@ struct RemoteObj {
 }
 
 #[derive(Debug)]
+struct LookupObj {
+    cache: Arc<CacheObj>,
+    lookup: Lookup,
+}
+
+/// What an operation handle runs.
+#[derive(Debug)]
+enum Work {
+    Push(Push),
+    /// A save, or a load of lookup entries from `.1` on.
+    Store(StoreOp, u32),
+}
+
+#[derive(Debug)]
 struct OpObj {
-    push: Push,
+    work: Work,
     ctx: std::sync::Weak<Ctx>,
     /// Reported by `poll` already.
     reported: AtomicBool,
@@ -920,55 +1274,139 @@ struct OpObj {
     counted: AtomicBool,
 }
 
+/// A completed operation, push or store, in C terms.
+#[derive(Debug, Clone)]
+struct Outcome {
+    result: Result<(), KvmeshStatus>,
+    bytes: u64,
+    failed: Vec<KvmeshBlockFailure>,
+    message: Option<String>,
+}
+
+fn status_of_block(k: BlockErrorKind) -> KvmeshStatus {
+    match k {
+        BlockErrorKind::NotFound => KvmeshStatus::NotFound,
+        BlockErrorKind::Integrity => KvmeshStatus::Integrity,
+        BlockErrorKind::NoSpace => KvmeshStatus::NoSpace,
+        BlockErrorKind::Timeout => KvmeshStatus::Timeout,
+        BlockErrorKind::Cancelled => KvmeshStatus::Cancelled,
+        BlockErrorKind::Transfer => KvmeshStatus::Remote,
+        BlockErrorKind::Invalid => KvmeshStatus::InvalidArgument,
+        BlockErrorKind::Unsupported => KvmeshStatus::Unsupported,
+    }
+}
+
+impl Outcome {
+    fn of_push(s: PushStatus) -> Outcome {
+        Outcome {
+            result: s.result.map_err(status_of_kind),
+            bytes: s.bytes,
+            failed: s
+                .failed
+                .iter()
+                .map(|f| KvmeshBlockFailure {
+                    index: f.index,
+                    src_block: f.src_block,
+                    dst_block: f.dst_block,
+                    status: status_of_kind(f.error),
+                })
+                .collect(),
+            message: s.message,
+        }
+    }
+
+    fn of_store(s: StoreOpStatus, op: &StoreOp, first: u32) -> Outcome {
+        let save = op.kind() == crate::prefix::StoreOpKind::Save;
+        Outcome {
+            result: s.result.map_err(status_of_block),
+            bytes: s.bytes,
+            failed: s
+                .failed
+                .iter()
+                .map(|f| KvmeshBlockFailure {
+                    index: f.index,
+                    src_block: if save { f.block } else { first + f.index },
+                    dst_block: if save { KVMESH_NO_BLOCK } else { f.block },
+                    status: status_of_block(f.error),
+                })
+                .collect(),
+            message: s.message,
+        }
+    }
+}
+
 impl OpObj {
-    /// The status once complete, counting it in the statistics once.
-    fn poll(&self) -> Option<PushStatus> {
-        let st = self.push.poll()?;
-        self.count(&st);
-        Some(st)
+    /// The outcome once complete, counting it in the statistics once.
+    fn poll(&self) -> Option<Outcome> {
+        let o = match &self.work {
+            Work::Push(p) => Outcome::of_push(p.poll()?),
+            Work::Store(op, first) => Outcome::of_store(op.poll()?, op, *first),
+        };
+        self.count(&o);
+        Some(o)
     }
 
-    fn wait(&self, timeout: Duration) -> Option<PushStatus> {
-        let st = self.push.wait(timeout)?;
-        self.count(&st);
-        Some(st)
+    fn wait(&self, timeout: Duration) -> Option<Outcome> {
+        let o = match &self.work {
+            Work::Push(p) => Outcome::of_push(p.wait(timeout)?),
+            Work::Store(op, first) => Outcome::of_store(op.wait(timeout)?, op, *first),
+        };
+        self.count(&o);
+        Some(o)
     }
 
-    fn count(&self, st: &PushStatus) {
+    fn cancel(&self) {
+        match &self.work {
+            Work::Push(p) => p.cancel(),
+            Work::Store(op, _) => op.cancel(),
+        }
+    }
+
+    fn count(&self, o: &Outcome) {
+        let Work::Push(push) = &self.work else {
+            return; // store operations are counted by their prefix store
+        };
         if self.counted.swap(true, SeqCst) {
             return;
         }
         if let Some(ctx) = self.ctx.upgrade() {
             let c = &ctx.counters;
-            c.bytes_pushed.fetch_add(st.bytes, SeqCst);
-            if st.result.is_ok() {
+            c.bytes_pushed.fetch_add(o.bytes, SeqCst);
+            if o.result.is_ok() {
                 c.pushes_succeeded.fetch_add(1, SeqCst);
-                c.blocks_pushed.fetch_add(self.push.blocks() as u64, SeqCst);
+                c.blocks_pushed.fetch_add(push.blocks() as u64, SeqCst);
             } else {
                 c.pushes_failed.fetch_add(1, SeqCst);
             }
         }
     }
+
+    fn store_op(&self, what: &str) -> Result<&StoreOp, FfiError> {
+        match &self.work {
+            Work::Store(op, _) => Ok(op),
+            Work::Push(_) => Err(FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                format!("{what} on a push"),
+            )),
+        }
+    }
 }
 
-fn fill_op_status(st: Option<&PushStatus>) -> KvmeshOpStatus {
+fn fill_op_status(o: Option<&Outcome>) -> KvmeshOpStatus {
     KvmeshOpStatus {
         struct_size: std::mem::size_of::<KvmeshOpStatus>() as u32,
-        state: if st.is_some() {
+        state: if o.is_some() {
             KVMESH_OP_DONE
         } else {
             KVMESH_OP_PENDING
         },
-        status: match st {
+        status: match o {
             None => KvmeshStatus::NotReady,
-            Some(s) => match s.result {
-                Ok(()) => KvmeshStatus::Ok,
-                Err(k) => status_of_kind(k),
-            },
+            Some(o) => o.result.err().unwrap_or(KvmeshStatus::Ok),
         },
         reserved: 0,
-        bytes: st.map_or(0, |s| s.bytes),
-        failed_blocks: st.map_or(0, |s| s.failed.len() as u64),
+        bytes: o.map_or(0, |o| o.bytes),
+        failed_blocks: o.map_or(0, |o| o.failed.len() as u64),
     }
 }
 
@@ -978,25 +1416,26 @@ fn fill_op_status(st: Option<&PushStatus>) -> KvmeshOpStatus {
 /// # Safety
 /// `out` must be NULL or valid for a `KvmeshOpStatus` write.
 unsafe fn report_op(
-    st: Option<PushStatus>,
+    o: Option<Outcome>,
     out: *mut KvmeshOpStatus,
 ) -> Result<KvmeshStatus, FfiError> {
     if !out.is_null() {
         // SAFETY: forwarded from the caller's contract.
         unsafe { check_out_sized(out, "out") }?;
         // SAFETY: checked above.
-        unsafe { write_out(out, fill_op_status(st.as_ref()), "out") }?;
+        unsafe { write_out(out, fill_op_status(o.as_ref()), "out") }?;
     }
-    match st {
+    match o {
         None => Ok(KvmeshStatus::NotReady),
-        Some(PushStatus { result: Ok(()), .. }) => Ok(KvmeshStatus::Ok),
-        Some(s) => {
-            let k = s.result.expect_err("failed");
-            Err(FfiError::new(
-                status_of_kind(k),
-                s.message.unwrap_or_else(|| k.to_string()),
-            ))
-        }
+        Some(Outcome { result: Ok(()), .. }) => Ok(KvmeshStatus::Ok),
+        Some(Outcome {
+            result: Err(st),
+            message,
+            ..
+        }) => Err(FfiError::new(
+            st,
+            message.unwrap_or_else(|| "the operation failed".into()),
+        )),
     }
 }
 
@@ -1044,7 +1483,7 @@ unsafe extern "C" fn api_last_error(
     r.unwrap_or(KvmeshStatus::Internal)
 }
 
-const STATUS_NAMES: [(KvmeshStatus, &CStr); 18] = [
+const STATUS_NAMES: [(KvmeshStatus, &CStr); 21] = [
     (KvmeshStatus::Ok, c"KVMESH_STATUS_OK"),
     (KvmeshStatus::NotReady, c"KVMESH_STATUS_NOT_READY"),
     (
@@ -1069,6 +1508,9 @@ const STATUS_NAMES: [(KvmeshStatus, &CStr); 18] = [
     (KvmeshStatus::Io, c"KVMESH_STATUS_IO"),
     (KvmeshStatus::Remote, c"KVMESH_STATUS_REMOTE"),
     (KvmeshStatus::Internal, c"KVMESH_STATUS_INTERNAL"),
+    (KvmeshStatus::NotFound, c"KVMESH_STATUS_NOT_FOUND"),
+    (KvmeshStatus::Integrity, c"KVMESH_STATUS_INTEGRITY"),
+    (KvmeshStatus::NoSpace, c"KVMESH_STATUS_NO_SPACE"),
 ];
 
 unsafe extern "C" fn api_status_name(status: i32, out: *mut *const c_char) -> KvmeshStatus {
@@ -1095,48 +1537,13 @@ unsafe extern "C" fn api_context_create(
 ) -> KvmeshStatus {
     guard("context_create", || {
         check_out(out, "out")?;
-        let mut cfg = EngineConfig::default();
-        if !config.is_null() {
-            // SAFETY: forwarded from the caller's contract.
-            let c = unsafe { read_sized(config, "config") }?;
-            cfg.transport = match c.transport {
-                KVMESH_TRANSPORT_AUTO => TransportKind::Auto,
-                KVMESH_TRANSPORT_TCP => TransportKind::Tcp,
-                KVMESH_TRANSPORT_SHM => TransportKind::Shm,
-                t => {
-                    return Err(FfiError::new(
-                        KvmeshStatus::InvalidArgument,
-                        format!("transport {t} is not a KVMESH_TRANSPORT_* value"),
-                    ))
-                }
-            };
-            if !c.tcp_listen.is_null() {
-                // SAFETY: the caller passes a NUL-terminated string.
-                let s = unsafe { CStr::from_ptr(c.tcp_listen) };
-                let s = s.to_str().map_err(|_| {
-                    FfiError::new(KvmeshStatus::InvalidArgument, "tcp_listen is not UTF-8")
-                })?;
-                cfg.tcp_listen = s.parse().map_err(|_| {
-                    FfiError::new(
-                        KvmeshStatus::InvalidArgument,
-                        format!("tcp_listen {s:?} is not an IP:port address"),
-                    )
-                })?;
-            }
-            if c.tcp_conns > 0 {
-                cfg.tcp_conns = c.tcp_conns.min(64) as u16;
-            }
-            if c.io_threads > 0 {
-                cfg.io_threads = c.io_threads.min(256) as usize;
-            }
-            if c.default_timeout_ms > 0 {
-                cfg.default_timeout = ms(c.default_timeout_ms);
-            }
-        }
+        // SAFETY: forwarded from the caller's contract.
+        let cfg = unsafe { engine_config(config) }?;
         let engine = Engine::new(cfg).map_err(|e| FfiError::from(Error::Engine(e)))?;
         let ctx = Arc::new(Ctx {
             inbox: PushInbox::new(&engine),
             engine,
+            store: None,
             children: Mutex::new(Vec::new()),
             ops: Mutex::new(Vec::new()),
             counters: Counters::default(),
@@ -1148,13 +1555,60 @@ unsafe extern "C" fn api_context_create(
     })
 }
 
+/// Engine settings from a caller's (possibly NULL) config.
+///
+/// # Safety
+/// `config` must be NULL or point to a readable `KvmeshContextConfig`
+/// whose `tcp_listen` is NULL or a NUL-terminated string.
+unsafe fn engine_config(config: *const KvmeshContextConfig) -> Result<EngineConfig, FfiError> {
+    let mut cfg = EngineConfig::default();
+    if !config.is_null() {
+        // SAFETY: forwarded from the caller's contract.
+        let c = unsafe { read_sized(config, "config") }?;
+        cfg.transport = match c.transport {
+            KVMESH_TRANSPORT_AUTO => TransportKind::Auto,
+            KVMESH_TRANSPORT_TCP => TransportKind::Tcp,
+            KVMESH_TRANSPORT_SHM => TransportKind::Shm,
+            t => {
+                return Err(FfiError::new(
+                    KvmeshStatus::InvalidArgument,
+                    format!("transport {t} is not a KVMESH_TRANSPORT_* value"),
+                ))
+            }
+        };
+        if !c.tcp_listen.is_null() {
+            // SAFETY: the caller passes a NUL-terminated string.
+            let s = unsafe { CStr::from_ptr(c.tcp_listen) };
+            let s = s.to_str().map_err(|_| {
+                FfiError::new(KvmeshStatus::InvalidArgument, "tcp_listen is not UTF-8")
+            })?;
+            cfg.tcp_listen = s.parse().map_err(|_| {
+                FfiError::new(
+                    KvmeshStatus::InvalidArgument,
+                    format!("tcp_listen {s:?} is not an IP:port address"),
+                )
+            })?;
+        }
+        if c.tcp_conns > 0 {
+            cfg.tcp_conns = c.tcp_conns.min(64) as u16;
+        }
+        if c.io_threads > 0 {
+            cfg.io_threads = c.io_threads.min(256) as usize;
+        }
+        if c.default_timeout_ms > 0 {
+            cfg.default_timeout = ms(c.default_timeout_ms);
+        }
+    }
+    Ok(cfg)
+}
+
 unsafe extern "C" fn api_context_destroy(ctx: KvmeshContext, timeout_ms: u64) -> KvmeshStatus {
     guard("context_destroy", || {
         let c = get_ctx(ctx)?;
         let deadline = Instant::now() + ms(timeout_ms);
         let ops: Vec<Arc<OpObj>> = c.ops.lock().iter().map(|o| o.1.clone()).collect();
         for op in &ops {
-            op.push.cancel();
+            op.cancel();
         }
         for op in &ops {
             if op
@@ -1167,26 +1621,37 @@ unsafe extern "C" fn api_context_destroy(ctx: KvmeshContext, timeout_ms: u64) ->
                 ));
             }
         }
+        let stays = |mut f: FfiError| {
+            f.msg = format!("{}; the context stays valid", f.msg);
+            f
+        };
         let children: Vec<u64> = c.children.lock().clone();
         for &h in &children {
             if Tag::from_handle(h) == Some(Tag::Cache) {
                 if let Ok(cache) = get_cache(h) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    cache.close_prefix(left).map_err(stays)?;
+                    let left = deadline.saturating_duration_since(Instant::now());
                     cache
                         .cache
-                        .deregister(deadline.saturating_duration_since(Instant::now()))
-                        .map_err(|e| {
-                            let mut f = FfiError::from(e);
-                            f.msg = format!("{}; the context stays valid", f.msg);
-                            f
-                        })?;
+                        .deregister(left)
+                        .map_err(|e| stays(FfiError::from(e)))?;
                 }
             }
         }
+        // Lookups go first: dropping them releases their leases, which
+        // needs the store running.
+        let mut children = children;
+        children.sort_by_key(|&h| Tag::from_handle(h) != Some(Tag::Lookup));
         for h in children {
             let tag = Tag::from_handle(h).expect("children are valid handles");
             let _ = lookup(h, tag, true);
         }
         lookup(ctx, Tag::Context, true)?;
+        if let Some(st) = &c.store {
+            st.node
+                .shutdown(deadline.saturating_duration_since(Instant::now()));
+        }
         Ok(KvmeshStatus::Ok)
     })
 }
@@ -1352,10 +1817,16 @@ unsafe extern "C" fn api_kv_cache_register(
             .collect();
         // SAFETY: the C contract of `kv_cache_register`: the memory stays
         // valid until deregistration returns OK.
-        let cache = unsafe { KvCache::register(&c.engine, (*l).clone(), &regions, kind) }?;
+        let cache =
+            Arc::new(unsafe { KvCache::register(&c.engine, (*l).clone(), &regions, kind) }?);
+        let prefix = match &c.store {
+            Some(st) => Some(st.node.prefix_store(cache.clone(), st.prefix.clone())?),
+            None => None,
+        };
         let h = insert(Object::Cache(Arc::new(CacheObj {
             ctx: c.clone(),
             cache,
+            prefix,
         })))?;
         c.children.lock().push(h);
         // SAFETY: checked non-null and aligned above.
@@ -1370,8 +1841,12 @@ unsafe extern "C" fn api_kv_cache_deregister(
 ) -> KvmeshStatus {
     guard("kv_cache_deregister", || {
         let c = get_cache(cache)?;
-        c.cache.deregister(ms(timeout_ms))?;
+        let deadline = Instant::now() + ms(timeout_ms);
+        c.close_prefix(ms(timeout_ms))?;
+        c.cache
+            .deregister(deadline.saturating_duration_since(Instant::now()))?;
         lookup(cache, Tag::Cache, true)?;
+        c.retire();
         c.ctx.children.lock().retain(|&h| h != cache);
         Ok(KvmeshStatus::Ok)
     })
@@ -1482,7 +1957,7 @@ unsafe extern "C" fn api_push(
         let timeout = (timeout_ms > 0).then(|| ms(timeout_ms));
         let push = c.cache.push(&r.remote, src, dst, tid, timeout)?;
         let op = Arc::new(OpObj {
-            push,
+            work: Work::Push(push),
             ctx: Arc::downgrade(&c.ctx),
             reported: AtomicBool::new(false),
             counted: AtomicBool::new(false),
@@ -1536,12 +2011,7 @@ unsafe extern "C" fn api_op_failed_blocks(
         // SAFETY: forwarded from the caller's contract.
         let o = unsafe { out_slice(out, cap, "out") }?;
         for (x, f) in o.iter_mut().zip(&st.failed) {
-            *x = KvmeshBlockFailure {
-                index: f.index,
-                src_block: f.src_block,
-                dst_block: f.dst_block,
-                status: status_of_kind(f.error),
-            };
+            *x = *f;
         }
         if cap < st.failed.len() {
             return Err(FfiError::new(
@@ -1555,7 +2025,7 @@ unsafe extern "C" fn api_op_failed_blocks(
 
 unsafe extern "C" fn api_op_cancel(op: KvmeshOp) -> KvmeshStatus {
     guard("op_cancel", || {
-        get_op(op)?.push.cancel();
+        get_op(op)?.cancel();
         Ok(KvmeshStatus::Ok)
     })
 }
@@ -1693,5 +2163,581 @@ unsafe extern "C" fn api_poll_received(
     })
 }
 
+// ---------------------------------------------------------------------------
+// ABI 1.1: the peer store.
+
+/// An optional C string argument.
+///
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string valid for the call.
+unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, FfiError> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded from the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map(Some).map_err(|_| {
+        FfiError::new(
+            KvmeshStatus::InvalidArgument,
+            format!("{what} is not UTF-8"),
+        )
+    })
+}
+
+fn multiaddr(s: &str, what: &str) -> Result<kvmesh_p2p_store::network::Multiaddr, FfiError> {
+    s.parse().map_err(|e| {
+        FfiError::new(
+            KvmeshStatus::InvalidArgument,
+            format!("{what} {s:?} is not a multiaddr: {e}"),
+        )
+    })
+}
+
+unsafe extern "C" fn api_store_context_create(
+    config: *const KvmeshStoreConfig,
+    out: *mut KvmeshContext,
+) -> KvmeshStatus {
+    guard("store_context_create", || {
+        check_out(out, "out")?;
+        let c = if config.is_null() {
+            KvmeshStoreConfig {
+                struct_size: std::mem::size_of::<KvmeshStoreConfig>() as u32,
+                replicas: 0,
+                engine: std::ptr::null(),
+                listen: std::ptr::null(),
+                bootstrap: std::ptr::null(),
+                psk: std::ptr::null(),
+                mem_bytes: 0,
+                staging_bytes: 0,
+                default_lease_ms: 0,
+                op_timeout_ms: 0,
+                mdns: 0,
+                threads: 0,
+            }
+        } else {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { read_sized(config, "config") }?
+        };
+        // SAFETY: forwarded from the caller's contract.
+        let engine = unsafe { engine_config(c.engine) }?;
+        let mut cfg = StoreConfig {
+            engine,
+            mem_bytes: c.mem_bytes,
+            mdns: c.mdns != 0,
+            default_replicas: c.replicas.max(1) as usize,
+            ..StoreConfig::default()
+        };
+        // SAFETY: the caller passes NULL or NUL-terminated strings.
+        if let Some(l) = unsafe { opt_str(c.listen, "listen") }? {
+            cfg.listen = vec![multiaddr(l, "listen")?];
+        }
+        // SAFETY: as above.
+        if let Some(b) = unsafe { opt_str(c.bootstrap, "bootstrap") }? {
+            cfg.bootstrap = b
+                .split(|ch: char| ch.is_whitespace() || ch == ',')
+                .filter(|a| !a.is_empty())
+                .map(|a| multiaddr(a, "bootstrap address"))
+                .collect::<Result<_, _>>()?;
+        }
+        // SAFETY: as above.
+        cfg.psk = unsafe { opt_str(c.psk, "psk") }?.map(str::to_string);
+        let mut prefix = PrefixStoreConfig {
+            replicas: cfg.default_replicas,
+            ..PrefixStoreConfig::default()
+        };
+        if c.staging_bytes > 0 {
+            prefix.staging_bytes = c.staging_bytes;
+        }
+        if c.default_lease_ms > 0 {
+            prefix.default_lease = ms(c.default_lease_ms).min(prefix.max_lease);
+        }
+        if c.op_timeout_ms > 0 {
+            prefix.op_timeout = ms(c.op_timeout_ms);
+        }
+        let threads = if c.threads == 0 {
+            2
+        } else {
+            c.threads.min(64) as usize
+        };
+        let node = StoreNode::start(cfg, threads)?;
+        let engine = node.store().engine().clone();
+        let ctx = Arc::new(Ctx {
+            inbox: PushInbox::new(&engine),
+            engine,
+            store: Some(StoreCtx {
+                node,
+                prefix,
+                retired: Mutex::new(PrefixStats::default()),
+            }),
+            children: Mutex::new(Vec::new()),
+            ops: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        });
+        let h = insert(Object::Context(ctx))?;
+        // SAFETY: checked non-null and aligned above.
+        unsafe { out.write(h) };
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_store_addrs(
+    ctx: KvmeshContext,
+    buf: *mut c_char,
+    cap: usize,
+    len_out: *mut usize,
+) -> KvmeshStatus {
+    guard("store_addrs", || {
+        let c = get_ctx(ctx)?;
+        let st = c.store()?;
+        let addrs = st.node.block_on(
+            Duration::from_secs(5),
+            "store_addrs",
+            st.node.store().listen_addrs(),
+        )?;
+        let id = st.node.store().peer_id_text();
+        let text = addrs
+            .iter()
+            .map(|a| {
+                let a = a.to_string();
+                if a.contains("/p2p/") {
+                    a
+                } else {
+                    format!("{a}/p2p/{id}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { write_out(len_out, text.len(), "len_out") }?;
+        if cap <= text.len() {
+            return Err(FfiError::new(
+                KvmeshStatus::BufferTooSmall,
+                format!("{} bytes and a NUL, room for {cap}", text.len()),
+            ));
+        }
+        // SAFETY: forwarded from the caller's contract.
+        let o = unsafe { out_slice(buf.cast::<u8>(), cap, "buf") }?;
+        o[..text.len()].copy_from_slice(text.as_bytes());
+        o[text.len()] = 0;
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_store_wait_members(
+    ctx: KvmeshContext,
+    n: u32,
+    timeout_ms: u64,
+) -> KvmeshStatus {
+    guard("store_wait_members", || {
+        let c = get_ctx(ctx)?;
+        let st = c.store()?;
+        let t = ms(timeout_ms);
+        st.node
+            .block_on(
+                t + Duration::from_secs(1),
+                "store_wait_members",
+                st.node.store().wait_for_members(n as usize, t),
+            )?
+            .map_err(|e| FfiError::new(KvmeshStatus::Timeout, e.to_string()))?;
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+/// The key namespace of `layout` under the caller's namespace fields.
+///
+/// # Safety
+/// `ns` must be NULL or point to a readable `KvmeshNamespace` whose strings
+/// are NULL or NUL-terminated.
+unsafe fn namespace(
+    ns: *const KvmeshNamespace,
+    layout: &KvLayout,
+) -> Result<KeyNamespace, FfiError> {
+    // SAFETY: forwarded from the caller's contract.
+    let n = unsafe { read_sized(ns, "ns") }?;
+    // SAFETY: as above.
+    let model_id = unsafe { opt_str(n.model_id, "ns->model_id") }?
+        .ok_or_else(|| FfiError::new(KvmeshStatus::NullPointer, "ns->model_id is NULL"))?;
+    // SAFETY: as above.
+    let weight_version = unsafe { opt_str(n.weight_version, "ns->weight_version") }?.unwrap_or("");
+    Ok(KeyNamespace {
+        model_id: model_id.to_string(),
+        dtype: layout.shape().dtype,
+        layout_fingerprint: layout.fingerprint(),
+        tp_rank: n.tp_rank,
+        weight_version: weight_version.to_string(),
+    })
+}
+
+/// Writes keys to a caller array.
+///
+/// # Safety
+/// `out` must be NULL or valid for `cap` writes; `len_out` for one.
+unsafe fn write_keys(
+    keys: &[BlockKey],
+    out: *mut KvmeshBlockKey,
+    cap: usize,
+    len_out: *mut usize,
+) -> Result<KvmeshStatus, FfiError> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { write_out(len_out, keys.len(), "len_out") }?;
+    // SAFETY: forwarded from the caller's contract.
+    let o = unsafe { out_slice(out, cap, "out") }?;
+    for (x, k) in o.iter_mut().zip(keys) {
+        x.bytes = k.0;
+    }
+    if cap < keys.len() {
+        return Err(FfiError::new(
+            KvmeshStatus::BufferTooSmall,
+            format!("{} keys, room for {cap}", keys.len()),
+        ));
+    }
+    Ok(KvmeshStatus::Ok)
+}
+
+/// Keys from a caller array.
+///
+/// # Safety
+/// If `n > 0`, `p` must be NULL or valid for `n` reads.
+unsafe fn read_keys(p: *const KvmeshBlockKey, n: usize) -> Result<Vec<BlockKey>, FfiError> {
+    // SAFETY: forwarded from the caller's contract.
+    let k = unsafe { in_slice(p, n, "keys") }?;
+    Ok(k.iter().map(|k| BlockKey(k.bytes)).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn api_block_keys_from_tokens(
+    layout: KvmeshLayout,
+    ns: *const KvmeshNamespace,
+    tokens: *const u32,
+    n_tokens: usize,
+    out: *mut KvmeshBlockKey,
+    cap: usize,
+    len_out: *mut usize,
+) -> KvmeshStatus {
+    guard("block_keys_from_tokens", || {
+        let l = get_layout(layout)?;
+        // SAFETY: forwarded from the caller's contract.
+        let ns = unsafe { namespace(ns, &l) }?;
+        // SAFETY: forwarded from the caller's contract.
+        let t = unsafe { in_slice(tokens, n_tokens, "tokens") }?;
+        let keys = ns.token_keys(t, l.shape().block_size, &ExtraKeys::new());
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { write_keys(&keys, out, cap, len_out) }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn api_block_keys_from_hashes(
+    layout: KvmeshLayout,
+    ns: *const KvmeshNamespace,
+    hashes: *const u8,
+    hash_len: usize,
+    n_hashes: usize,
+    out: *mut KvmeshBlockKey,
+    cap: usize,
+    len_out: *mut usize,
+) -> KvmeshStatus {
+    guard("block_keys_from_hashes", || {
+        let l = get_layout(layout)?;
+        // SAFETY: forwarded from the caller's contract.
+        let ns = unsafe { namespace(ns, &l) }?;
+        if hash_len == 0 && n_hashes > 0 {
+            return Err(FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                "hash_len is 0",
+            ));
+        }
+        let total = hash_len.checked_mul(n_hashes).ok_or_else(|| {
+            FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                "hash_len * n_hashes overflows",
+            )
+        })?;
+        // SAFETY: forwarded from the caller's contract.
+        let h = unsafe { in_slice(hashes, total, "hashes") }?;
+        let hs: Vec<&[u8]> = if total == 0 {
+            Vec::new()
+        } else {
+            h.chunks_exact(hash_len).collect()
+        };
+        let keys = ns.external_keys(&hs);
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { write_keys(&keys, out, cap, len_out) }
+    })
+}
+
+/// Registers an operation of a context (handle, op list, children).
+fn add_op(ctx: &Arc<Ctx>, work: Work) -> Result<u64, FfiError> {
+    let op = Arc::new(OpObj {
+        work,
+        ctx: Arc::downgrade(ctx),
+        reported: AtomicBool::new(false),
+        counted: AtomicBool::new(false),
+    });
+    let h = insert(Object::Op(op.clone()))?;
+    ctx.ops.lock().push((h, op));
+    ctx.children.lock().push(h);
+    Ok(h)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn api_lookup(
+    cache: KvmeshKvCache,
+    keys: *const KvmeshBlockKey,
+    n_keys: usize,
+    lease_ms: u64,
+    timeout_ms: u64,
+    out: *mut KvmeshLookup,
+    found_out: *mut usize,
+) -> KvmeshStatus {
+    guard("lookup", || {
+        check_out(out, "out")?;
+        check_out(found_out, "found_out")?;
+        let c = get_cache(cache)?;
+        let p = c.prefix()?;
+        // SAFETY: forwarded from the caller's contract.
+        let keys = unsafe { read_keys(keys, n_keys) }?;
+        let l = p.lookup_blocking(&keys, ms(lease_ms), ms(timeout_ms))?;
+        let found = l.blocks();
+        let h = insert(Object::Lookup(Arc::new(LookupObj {
+            cache: c.clone(),
+            lookup: l,
+        })))?;
+        c.ctx.children.lock().push(h);
+        // SAFETY: checked non-null and aligned above.
+        unsafe {
+            out.write(h);
+            found_out.write(found);
+        }
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_lookup_release(lookup_h: KvmeshLookup) -> KvmeshStatus {
+    guard("lookup_release", || {
+        let l = match lookup(lookup_h, Tag::Lookup, true)? {
+            Object::Lookup(l) => l,
+            _ => unreachable!("tag checked by lookup"),
+        };
+        l.lookup.release();
+        l.cache.ctx.children.lock().retain(|&h| h != lookup_h);
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn api_save(
+    cache: KvmeshKvCache,
+    blocks: *const u32,
+    keys: *const KvmeshBlockKey,
+    n_blocks: usize,
+    flags: u32,
+    cuda_event: u64,
+    out: *mut KvmeshOp,
+) -> KvmeshStatus {
+    guard("save", || {
+        check_out(out, "out")?;
+        let c = get_cache(cache)?;
+        let p = c.prefix()?;
+        if flags & !KVMESH_SAVE_PER_LAYER != 0 {
+            return Err(FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                format!("flags {flags:#x} has bits other than KVMESH_SAVE_PER_LAYER"),
+            ));
+        }
+        if cuda_event != 0 {
+            return Err(FfiError::new(
+                KvmeshStatus::Unsupported,
+                "waiting on a CUDA event needs the engine's CUDA support; this build has none",
+            ));
+        }
+        // SAFETY: forwarded from the caller's contract.
+        let b = unsafe { in_slice(blocks, n_blocks, "blocks") }?;
+        // SAFETY: forwarded from the caller's contract.
+        let keys = unsafe { read_keys(keys, n_blocks) }?;
+        let op = p.save(b, &keys, flags & KVMESH_SAVE_PER_LAYER != 0)?;
+        let h = add_op(&c.ctx, Work::Store(op, 0))?;
+        // SAFETY: checked non-null and aligned above.
+        unsafe { out.write(h) };
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_save_layer(op: KvmeshOp, layer: u32) -> KvmeshStatus {
+    guard("save_layer", || {
+        let o = get_op(op)?;
+        o.store_op("save_layer")?.layer_saved(layer)?;
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_load(
+    lookup_h: KvmeshLookup,
+    first: usize,
+    dst_blocks: *const u32,
+    n_blocks: usize,
+    out: *mut KvmeshOp,
+) -> KvmeshStatus {
+    guard("load", || {
+        check_out(out, "out")?;
+        let l = get_lookup(lookup_h)?;
+        let p = l.cache.prefix()?;
+        // SAFETY: forwarded from the caller's contract.
+        let dst = unsafe { in_slice(dst_blocks, n_blocks, "dst_blocks") }?;
+        let op = p.load(&l.lookup, first, dst)?;
+        let h = add_op(&l.cache.ctx, Work::Store(op, first as u32))?;
+        // SAFETY: checked non-null and aligned above.
+        unsafe { out.write(h) };
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_layer_ready(op: KvmeshOp, layer: u32, timeout_ms: u64) -> KvmeshStatus {
+    guard("layer_ready", || {
+        let o = get_op(op)?;
+        if o.store_op("layer_ready")?
+            .layer_ready(layer, ms(timeout_ms))?
+        {
+            Ok(KvmeshStatus::Ok)
+        } else if timeout_ms == 0 {
+            Ok(KvmeshStatus::NotReady)
+        } else {
+            Err(FfiError::new(
+                KvmeshStatus::Timeout,
+                format!("layer {layer} not loaded after {timeout_ms} ms"),
+            ))
+        }
+    })
+}
+
+unsafe extern "C" fn api_store_stats(
+    ctx: KvmeshContext,
+    out: *mut KvmeshStoreStats,
+) -> KvmeshStatus {
+    guard("store_stats", || {
+        let c = get_ctx(ctx)?;
+        let st = c.store()?;
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { check_out_sized(out, "out") }?;
+        let mut p = *st.retired.lock();
+        let children: Vec<u64> = c.children.lock().clone();
+        for h in children {
+            if Tag::from_handle(h) == Some(Tag::Cache) {
+                if let Ok(cache) = get_cache(h) {
+                    if let Some(ps) = &cache.prefix {
+                        p += ps.stats();
+                    }
+                }
+            }
+        }
+        let s = st.node.store().stats();
+        let out_stats = KvmeshStoreStats {
+            struct_size: std::mem::size_of::<KvmeshStoreStats>() as u32,
+            reserved: 0,
+            peers_alive: s.peers_alive as u64,
+            objects: s.objects as u64,
+            bytes_stored: s.bytes_stored,
+            capacity: s.capacity,
+            lookups: p.lookups,
+            lookup_blocks: p.lookup_blocks,
+            hit_blocks: p.hit_blocks,
+            saves: p.saves,
+            blocks_saved: p.blocks_saved,
+            blocks_save_skipped: p.blocks_save_skipped,
+            bytes_saved: p.bytes_saved,
+            loads: p.loads,
+            blocks_loaded: p.blocks_loaded,
+            bytes_loaded: p.bytes_loaded,
+            blocks_failed: p.blocks_failed,
+            lookups_open: p.lookups_open,
+        };
+        // SAFETY: checked above.
+        unsafe { write_out(out, out_stats, "out") }?;
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+/// A key argument.
+///
+/// # Safety
+/// `key` must be NULL or valid for a read.
+unsafe fn read_key(key: *const KvmeshBlockKey) -> Result<ObjectKey, FfiError> {
+    check_out(key as *mut KvmeshBlockKey, "key")?;
+    // SAFETY: non-null and aligned (checked); validity is the caller's contract.
+    Ok(ObjectKey::from_bytes(unsafe { key.read() }.bytes))
+}
+
+unsafe extern "C" fn api_store_put(
+    ctx: KvmeshContext,
+    key: *const KvmeshBlockKey,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+) -> KvmeshStatus {
+    guard("store_put", || {
+        let c = get_ctx(ctx)?;
+        let st = c.store()?;
+        // SAFETY: forwarded from the caller's contract.
+        let k = unsafe { read_key(key) }?;
+        if len == 0 || len as u64 > KVMESH_MAX_OBJECT_BYTES {
+            return Err(FfiError::new(
+                KvmeshStatus::InvalidArgument,
+                format!("len {len} (must be 1..={KVMESH_MAX_OBJECT_BYTES})"),
+            ));
+        }
+        // SAFETY: forwarded from the caller's contract.
+        let d = unsafe { in_slice(data, len, "data") }?;
+        let opts = PutOptions {
+            replicas: st.prefix.replicas,
+            ..PutOptions::default()
+        };
+        st.node
+            .block_on(ms(timeout_ms), "store_put", st.node.store().put(k, d, opts))?
+            .map_err(|e| FfiError::from(Error::Store(e)))?;
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+unsafe extern "C" fn api_store_get(
+    ctx: KvmeshContext,
+    key: *const KvmeshBlockKey,
+    buf: *mut u8,
+    cap: usize,
+    len_out: *mut usize,
+    timeout_ms: u64,
+) -> KvmeshStatus {
+    guard("store_get", || {
+        let c = get_ctx(ctx)?;
+        let st = c.store()?;
+        // SAFETY: forwarded from the caller's contract.
+        let k = unsafe { read_key(key) }?;
+        check_out(len_out, "len_out")?;
+        let v = st
+            .node
+            .block_on(ms(timeout_ms), "store_get", st.node.store().get(k))?
+            .map_err(|e| FfiError::from(Error::Store(e)))?
+            .ok_or_else(|| {
+                FfiError::new(
+                    KvmeshStatus::NotFound,
+                    format!("no live store peer holds {k}"),
+                )
+            })?;
+        // SAFETY: checked non-null and aligned above.
+        unsafe { len_out.write(v.len()) };
+        if cap < v.len() {
+            return Err(FfiError::new(
+                KvmeshStatus::BufferTooSmall,
+                format!("object of {} bytes, room for {cap}", v.len()),
+            ));
+        }
+        // SAFETY: forwarded from the caller's contract.
+        let o = unsafe { out_slice(buf, cap, "buf") }?;
+        o[..v.len()].copy_from_slice(&v);
+        Ok(KvmeshStatus::Ok)
+    })
+}
+
+#[cfg(test)]
+mod store_tests;
 #[cfg(test)]
 mod tests;

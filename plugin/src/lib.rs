@@ -5,6 +5,8 @@
 //!   keys    BlockKey: chained prefix hashes in a KeyNamespace
 //!   cache   KvCache: a layout over engine-registered memory; KvCacheDesc
 //!   push    P/D push of blocks into a remote KvCache, with a notification
+//!   prefix  PrefixStore: lookup (leased), save and load of blocks in the peer store
+//!   node    StoreNode: a store peer with its own runtime (C ABI, blocking programs)
 //!   ffi     the C ABI: one exported symbol returning a function table
 //! ```
 //!
@@ -17,6 +19,8 @@ mod error;
 pub mod ffi;
 pub mod keys;
 pub mod layout;
+pub mod node;
+pub mod prefix;
 pub mod push;
 
 pub use cache::{KvCache, KvCacheDesc, RemoteKvCache};
@@ -25,5 +29,10 @@ pub use keys::{BlockKey, ExtraKeys, KeyNamespace};
 pub use layout::{
     plan_copy, Axis, BlockShape, CopySegment, DType, HeadOrder, KvKind, KvLayout, KvLayoutSpec,
     LayerPlacement, LayoutError, LayoutFingerprint, Packed, Place, Strides,
+};
+pub use node::StoreNode;
+pub use prefix::{
+    BlockErrorKind, Lookup, PrefixStats, PrefixStore, PrefixStoreConfig, StoreBlockFailure,
+    StoreOp, StoreOpKind, StoreOpStatus,
 };
 pub use push::{BlockFailure, Push, PushInbox, PushNotice, PushStatus, ReceivedPush};

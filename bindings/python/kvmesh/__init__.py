@@ -5,10 +5,13 @@ library is found through ``$KVMESH_LIB``, next to this package, or in the
 repository's ``target/`` (build it with ``cargo build --release -p
 kvmesh-cabi``); ``kvmesh.load_library(path)`` picks one explicitly.
 
-Today: KV layouts, KV caches in host memory, and P/D push of a request's
-blocks into a remote worker's KV cache with a transfer-id notification.
-The prefix store (lookup/save/load) arrives with a later ABI minor version
-(capability bits ``CAP_LOOKUP``, ``CAP_SAVE``, ``CAP_LOAD``).
+KV layouts, KV caches in host memory, P/D push of a request's blocks into
+a remote worker's KV cache with a transfer-id notification, and the peer
+store (ABI 1.1): ``StoreContext`` is a store peer and client; its KV caches
+look up (leased), save and load blocks keyed by prefix keys.
+
+Connectors: ``kvmesh.vllm.KvMeshConnector`` (vLLM V1 KV connector) and
+``kvmesh.trtllm`` (TensorRT-LLM's KV cache connector scheduler and worker).
 """
 
 from ._abi import (
@@ -27,10 +30,16 @@ from .core import (
     Context,
     KvCache,
     Layout,
+    Lookup,
+    Namespace,
+    Op,
+    OpResult,
     PushOp,
     PushResult,
     ReceivedPush,
     RemoteCache,
+    StoreContext,
+    StoreOp,
     capabilities,
     last_error,
     load_library,
@@ -54,10 +63,16 @@ __all__ = [
     "KvmeshError",
     "Layout",
     "LibraryNotFound",
+    "Lookup",
+    "Namespace",
+    "Op",
+    "OpResult",
     "PushOp",
     "PushResult",
     "ReceivedPush",
     "RemoteCache",
+    "StoreContext",
+    "StoreOp",
     "capabilities",
     "last_error",
     "load_library",

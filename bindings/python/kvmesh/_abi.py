@@ -1,4 +1,4 @@
-"""ctypes mirror of plugin/include/kvmesh.h (ABI 1.0) and the library loader.
+"""ctypes mirror of plugin/include/kvmesh.h (ABI 1.1) and the library loader.
 
 Nothing here is compiled: the shared library is found and loaded with
 ctypes, its single exported symbol ``kvmesh_get_api`` fills a function
@@ -26,7 +26,7 @@ from ctypes import (
 from pathlib import Path
 
 ABI_MAJOR = 1
-ABI_MINOR = 0
+ABI_MINOR = 1
 
 CAP_HOST_MEMORY = 1 << 0
 CAP_GPU_MEMORY = 1 << 1
@@ -34,6 +34,9 @@ CAP_PUSH = 1 << 2
 CAP_LOOKUP = 1 << 3
 CAP_SAVE = 1 << 4
 CAP_LOAD = 1 << 5
+SAVE_PER_LAYER = 1
+NO_BLOCK = 0xFFFFFFFF
+MAX_OBJECT_BYTES = 64 << 20
 
 DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "fp8_e4m3": 3, "fp8_e5m2": 4}
 DTYPE_SIZE = {"f32": 4, "f16": 2, "bf16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1}
@@ -51,6 +54,9 @@ MAX_TRANSFER_ID = 256
 
 STATUS_OK = 0
 STATUS_NOT_READY = 1
+STATUS_BUFFER_TOO_SMALL = -5
+STATUS_TIMEOUT = -8
+STATUS_NOT_FOUND = -17
 
 Status = c_int32
 Handle = c_uint64
@@ -131,6 +137,59 @@ class Stats(Structure):
     ]
 
 
+class StoreConfig(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("replicas", c_uint32),
+        ("engine", POINTER(ContextConfig)),
+        ("listen", c_char_p),
+        ("bootstrap", c_char_p),
+        ("psk", c_char_p),
+        ("mem_bytes", c_uint64),
+        ("staging_bytes", c_uint64),
+        ("default_lease_ms", c_uint64),
+        ("op_timeout_ms", c_uint64),
+        ("mdns", c_uint32),
+        ("threads", c_uint32),
+    ]
+
+
+class Namespace(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("tp_rank", c_uint32),
+        ("model_id", c_char_p),
+        ("weight_version", c_char_p),
+    ]
+
+
+class BlockKey(Structure):
+    _fields_ = [("bytes", c_uint8 * 32)]
+
+
+class StoreStats(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("reserved", c_uint32),
+        ("peers_alive", c_uint64),
+        ("objects", c_uint64),
+        ("bytes_stored", c_uint64),
+        ("capacity", c_uint64),
+        ("lookups", c_uint64),
+        ("lookup_blocks", c_uint64),
+        ("hit_blocks", c_uint64),
+        ("saves", c_uint64),
+        ("blocks_saved", c_uint64),
+        ("blocks_save_skipped", c_uint64),
+        ("bytes_saved", c_uint64),
+        ("loads", c_uint64),
+        ("blocks_loaded", c_uint64),
+        ("bytes_loaded", c_uint64),
+        ("blocks_failed", c_uint64),
+        ("lookups_open", c_uint64),
+    ]
+
+
 P = POINTER
 Api_fields = [
     ("struct_size", c_uint32),
@@ -180,6 +239,40 @@ Api_fields = [
     ("fence", CFUNCTYPE(Status, Handle, c_uint64)),
     ("stats", CFUNCTYPE(Status, Handle, P(Stats))),
     ("poll_received", CFUNCTYPE(Status, Handle, P(Received), c_size_t, P(c_size_t))),
+    # ---- ABI 1.1: the peer store ----
+    ("store_context_create", CFUNCTYPE(Status, P(StoreConfig), P(Handle))),
+    ("store_addrs", CFUNCTYPE(Status, Handle, P(c_char), c_size_t, P(c_size_t))),
+    ("store_wait_members", CFUNCTYPE(Status, Handle, c_uint32, c_uint64)),
+    (
+        "block_keys_from_tokens",
+        CFUNCTYPE(Status, Handle, P(Namespace), P(c_uint32), c_size_t, P(BlockKey), c_size_t,
+                  P(c_size_t)),
+    ),
+    (
+        "block_keys_from_hashes",
+        CFUNCTYPE(Status, Handle, P(Namespace), P(c_uint8), c_size_t, c_size_t, P(BlockKey),
+                  c_size_t, P(c_size_t)),
+    ),
+    (
+        "lookup",
+        CFUNCTYPE(Status, Handle, P(BlockKey), c_size_t, c_uint64, c_uint64, P(Handle),
+                  P(c_size_t)),
+    ),
+    ("lookup_release", CFUNCTYPE(Status, Handle)),
+    (
+        "save",
+        CFUNCTYPE(Status, Handle, P(c_uint32), P(BlockKey), c_size_t, c_uint32, c_uint64,
+                  P(Handle)),
+    ),
+    ("save_layer", CFUNCTYPE(Status, Handle, c_uint32)),
+    ("load", CFUNCTYPE(Status, Handle, c_size_t, P(c_uint32), c_size_t, P(Handle))),
+    ("layer_ready", CFUNCTYPE(Status, Handle, c_uint32, c_uint64)),
+    ("store_stats", CFUNCTYPE(Status, Handle, P(StoreStats))),
+    ("store_put", CFUNCTYPE(Status, Handle, P(BlockKey), P(c_uint8), c_size_t, c_uint64)),
+    (
+        "store_get",
+        CFUNCTYPE(Status, Handle, P(BlockKey), P(c_uint8), c_size_t, P(c_size_t), c_uint64),
+    ),
 ]
 
 

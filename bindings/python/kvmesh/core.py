@@ -15,6 +15,19 @@
     for r in ctx.poll_received():            # decode side: r.transfer_id
         ...
 
+The peer store (ABI 1.1):
+
+    node = kvmesh.StoreContext(mem_bytes=1 << 30)          # a peer that holds blocks
+    ctx = kvmesh.StoreContext(bootstrap=node.addrs)        # a worker joining it
+    cache = ctx.register_kv_cache(layout, ...)
+    ns = kvmesh.Namespace("meta-llama/Llama-3.1-8B")
+    keys = layout.token_keys(ns, prompt_tokens)            # one per full block
+    cache.save(blocks, keys).wait(10.0)
+    with cache.lookup(keys) as found:                      # longest stored prefix, leased
+        op = found.load(dst_blocks[:found.count])
+        op.layer_ready(0, 5.0)                             # ... layer by layer
+        op.wait(10.0)
+
 Timeouts are in seconds. Every wait is bounded.
 """
 
@@ -24,6 +37,7 @@ import ctypes
 import threading
 from ctypes import byref, c_char_p, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass, field
+from typing import List
 from typing import Iterable, Optional, Sequence, Union
 
 from . import _abi
@@ -211,6 +225,37 @@ class Layout:
                    layer_stride=layer, block_stride=num_layers * layer, kv_stride=kv,
                    token_stride=v, head_stride=t * v)
 
+    # --- keys ---
+
+    def token_keys(self, ns: Namespace, tokens: Sequence[int]) -> List[bytes]:
+        """32-byte keys of the full blocks of ``tokens`` (a partial last
+        block has none); each names its whole prefix."""
+        n = len(tokens) // self.block_size
+        out = (_abi.BlockKey * max(n, 1))()
+        got = c_size_t()
+        t = (c_uint32 * max(len(tokens), 1))(*tokens)
+        c = ns._c()
+        _check(api().block_keys_from_tokens(self.handle, byref(c), t, len(tokens), out, n,
+                                            byref(got)))
+        return [bytes(k.bytes) for k in out[: got.value]]
+
+    def hash_keys(self, ns: Namespace, hashes: Sequence[bytes]) -> List[bytes]:
+        """32-byte keys from the caller's per-block hashes (e.g. vLLM's
+        ``request.block_hashes``; all of one length), chained into ``ns``."""
+        if not hashes:
+            return []
+        hl = len(hashes[0])
+        if any(len(h) != hl for h in hashes):
+            raise ValueError("block hashes of different lengths")
+        flat = b"".join(hashes)
+        buf = (c_uint8 * len(flat)).from_buffer_copy(flat)
+        out = (_abi.BlockKey * len(hashes))()
+        got = c_size_t()
+        c = ns._c()
+        _check(api().block_keys_from_hashes(self.handle, byref(c), buf, hl, len(hashes), out,
+                                            len(hashes), byref(got)))
+        return [bytes(k.bytes) for k in out[: got.value]]
+
     # --- queries ---
 
     @property
@@ -288,14 +333,17 @@ class ReceivedPush:
     from_engine: bytes
 
 
-class PushOp:
-    """An asynchronous push. ``wait``/``status`` never raise for a failed
-    push: they return a PushResult carrying the error."""
+OpResult = PushResult
 
-    def __init__(self, ctx: "Context", handle: int, transfer_id: bytes):
+
+class Op:
+    """An asynchronous operation (push, save or load). ``wait``/``status``
+    never raise for a failed operation: they return a result carrying the
+    error and the failed blocks."""
+
+    def __init__(self, ctx: "Context", handle: int):
         self.ctx = ctx
         self.handle = handle
-        self.transfer_id = transfer_id
         self._result: Optional[PushResult] = None
 
     def _result_from(self, st: int, out: _abi.OpStatus) -> Optional[PushResult]:
@@ -340,11 +388,106 @@ class PushOp:
         _check(api().op_cancel(self.handle))
 
     def release(self):
-        """Frees the handle of a completed push (raises Busy while it runs)."""
+        """Frees the handle of a completed operation (raises Busy while it runs)."""
         if self.handle:
             _check(api().op_release(self.handle))
             self.ctx._ops.pop(self.handle, None)
             self.handle = 0
+
+
+class PushOp(Op):
+    """An asynchronous P/D push."""
+
+    def __init__(self, ctx: "Context", handle: int, transfer_id: bytes):
+        super().__init__(ctx, handle)
+        self.transfer_id = transfer_id
+
+
+class StoreOp(Op):
+    """A save or a load. Failed blocks: ``src_block`` is the cache block of
+    a save (``dst_block`` is NO_BLOCK), the lookup entry of a load
+    (``dst_block`` is the cache block)."""
+
+    def __init__(self, ctx: "Context", handle: int, kind: str, blocks: Sequence[int]):
+        super().__init__(ctx, handle)
+        self.kind = kind
+        self.blocks = list(blocks)
+
+    def save_layer(self, layer: int):
+        """Per-layer save: layer ``layer`` of every block is written."""
+        _check(api().save_layer(self.handle, layer))
+
+    def layer_ready(self, layer: int, timeout: float) -> bool:
+        """Load: True once layer ``layer`` is in place for every block that
+        loads (or the load ended); False if still not after ``timeout``."""
+        st = api().layer_ready(self.handle, layer, _ms(timeout))
+        if st == _abi.STATUS_OK:
+            return True
+        if st in (_abi.STATUS_NOT_READY, _abi.STATUS_TIMEOUT):
+            return False
+        raise from_status(st, last_error())
+
+
+@dataclass
+class Namespace:
+    """What makes KV bytes of the same tokens differ, besides the layout
+    (whose dtype and fingerprint the keys include)."""
+
+    model_id: str
+    tp_rank: int = 0
+    weight_version: str = ""
+
+    def _c(self):
+        self._m = self.model_id.encode()
+        self._w = self.weight_version.encode()
+        return _abi.Namespace(struct_size=ctypes.sizeof(_abi.Namespace), tp_rank=self.tp_rank,
+                              model_id=self._m, weight_version=self._w)
+
+
+def _keys_array(keys: Sequence[bytes]):
+    arr = (_abi.BlockKey * max(len(keys), 1))()
+    for i, k in enumerate(keys):
+        if len(k) != 32:
+            raise ValueError(f"key {i} has {len(k)} bytes, keys have 32")
+        arr[i].bytes[:] = k
+    return arr
+
+
+class Lookup:
+    """The longest stored prefix of a key list, leased: its blocks stay
+    stored until ``release()`` (or ``with`` exit) or the lease's end."""
+
+    def __init__(self, cache: "KvCache", handle: int, keys: List[bytes], count: int):
+        self.cache = cache
+        self.handle = handle
+        self.keys = keys[:count]
+        self.count = count
+
+    def load(self, dst_blocks: Sequence[int], first: int = 0) -> StoreOp:
+        """Loads lookup entries ``first..first+len(dst_blocks)`` into
+        ``dst_blocks`` of the cache, asynchronously and layer by layer."""
+        out = _abi.Handle()
+        _check(api().load(self.handle, first, _blocks(dst_blocks), len(dst_blocks), byref(out)))
+        op = StoreOp(self.cache.ctx, out.value, "load", dst_blocks)
+        self.cache.ctx._ops[op.handle] = op
+        return op
+
+    def release(self):
+        if self.handle:
+            h, self.handle = self.handle, 0
+            _check(api().lookup_release(h))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
 
 
 class RemoteCache:
@@ -406,6 +549,33 @@ class KvCache:
         self.ctx._ops[op.handle] = op
         return op
 
+    # --- the peer store (caches of a StoreContext) ---
+
+    def lookup(self, keys: Sequence[bytes], lease: float = 0.0, timeout: float = 10.0) -> Lookup:
+        """Finds the longest stored prefix of ``keys`` and leases it for
+        ``lease`` seconds (0: the context default): a load started before
+        the lease ends delivers every block it reports."""
+        keys = [bytes(k) for k in keys]
+        arr = _keys_array(keys)
+        out = _abi.Handle()
+        found = c_size_t()
+        _check(api().lookup(self.handle, arr, len(keys), _ms(lease), _ms(timeout), byref(out),
+                            byref(found)))
+        return Lookup(self, out.value, keys, found.value)
+
+    def save(self, blocks: Sequence[int], keys: Sequence[bytes], per_layer: bool = False) -> StoreOp:
+        """Saves ``blocks[i]`` under ``keys[i]``, asynchronously. With
+        ``per_layer`` call ``op.save_layer(l)`` as each layer is written."""
+        if len(blocks) != len(keys):
+            raise ValueError(f"{len(blocks)} blocks and {len(keys)} keys")
+        out = _abi.Handle()
+        flags = _abi.SAVE_PER_LAYER if per_layer else 0
+        _check(api().save(self.handle, _blocks(blocks), _keys_array(keys), len(blocks), flags, 0,
+                          byref(out)))
+        op = StoreOp(self.ctx, out.value, "save", blocks)
+        self.ctx._ops[op.handle] = op
+        return op
+
     def deregister(self, timeout: float = 5.0):
         """Refuses new transfers, waits for those in flight (bounded)."""
         if self.handle:
@@ -414,23 +584,29 @@ class KvCache:
             self._keepalive = None
 
 
+def _engine_config(transport, tcp_listen, tcp_conns, io_threads, default_timeout):
+    if transport not in _abi.TRANSPORTS:
+        raise ValueError(f"transport {transport!r} is not one of {sorted(_abi.TRANSPORTS)}")
+    listen = tcp_listen.encode() if tcp_listen else None
+    cfg = _abi.ContextConfig(
+        struct_size=ctypes.sizeof(_abi.ContextConfig),
+        transport=_abi.TRANSPORTS[transport],
+        tcp_listen=listen,
+        tcp_conns=tcp_conns,
+        io_threads=io_threads,
+        default_timeout_ms=_ms(default_timeout),
+    )
+    return cfg, listen
+
+
 class Context:
     """One transfer engine. Thread-safe; close() (or ``with``) releases
     everything created from it."""
 
     def __init__(self, transport: str = "auto", tcp_listen: Optional[str] = None,
                  tcp_conns: int = 0, io_threads: int = 0, default_timeout: float = 0.0):
-        if transport not in _abi.TRANSPORTS:
-            raise ValueError(f"transport {transport!r} is not one of {sorted(_abi.TRANSPORTS)}")
-        self._listen = tcp_listen.encode() if tcp_listen else None
-        cfg = _abi.ContextConfig(
-            struct_size=ctypes.sizeof(_abi.ContextConfig),
-            transport=_abi.TRANSPORTS[transport],
-            tcp_listen=self._listen,
-            tcp_conns=tcp_conns,
-            io_threads=io_threads,
-            default_timeout_ms=_ms(default_timeout),
-        )
+        cfg, self._listen = _engine_config(transport, tcp_listen, tcp_conns, io_threads,
+                                           default_timeout)
         h = _abi.Handle()
         _check(api().context_create(byref(cfg), byref(h)))
         self.handle = h.value
@@ -524,3 +700,82 @@ class Context:
             self.close(1.0)
         except Exception:
             pass
+
+
+class StoreContext(Context):
+    """A context that is also a peer of the store swarm: the store client.
+
+    ``mem_bytes > 0`` makes it hold objects for the swarm; ``bootstrap``
+    (addresses from another peer's ``addrs``, or a string of them) joins
+    an existing swarm. KV caches registered in it get ``lookup``,
+    ``save`` and ``load``; ``put``/``get`` move small objects."""
+
+    def __init__(self, *, bootstrap=None, mem_bytes: int = 0, listen: Optional[str] = None,
+                 psk: Optional[str] = None, replicas: int = 1, staging_bytes: int = 0,
+                 default_lease: float = 0.0, op_timeout: float = 0.0, mdns: bool = False,
+                 threads: int = 0, transport: str = "auto", tcp_listen: Optional[str] = None,
+                 tcp_conns: int = 0, io_threads: int = 0, default_timeout: float = 0.0):
+        ecfg, self._listen = _engine_config(transport, tcp_listen, tcp_conns, io_threads,
+                                            default_timeout)
+        if bootstrap is not None and not isinstance(bootstrap, str):
+            bootstrap = "\n".join(bootstrap)
+        self._strings = [x.encode() if x else None for x in (listen, bootstrap, psk)]
+        cfg = _abi.StoreConfig(
+            struct_size=ctypes.sizeof(_abi.StoreConfig),
+            replicas=replicas,
+            engine=ctypes.pointer(ecfg),
+            listen=self._strings[0],
+            bootstrap=self._strings[1],
+            psk=self._strings[2],
+            mem_bytes=mem_bytes,
+            staging_bytes=staging_bytes,
+            default_lease_ms=_ms(default_lease),
+            op_timeout_ms=_ms(op_timeout),
+            mdns=1 if mdns else 0,
+            threads=threads,
+        )
+        h = _abi.Handle()
+        _check(api().store_context_create(byref(cfg), byref(h)))
+        self.handle = h.value
+        self._ops = {}
+
+    @property
+    def addrs(self) -> List[str]:
+        """Listen addresses ending in /p2p/<peer id>: a bootstrap for others."""
+        n = c_size_t()
+        api().store_addrs(self.handle, None, 0, byref(n))
+        buf = ctypes.create_string_buffer(n.value + 1)
+        _check(api().store_addrs(self.handle, buf, len(buf), byref(n)))
+        return buf.value.decode().split("\n")
+
+    def wait_members(self, n: int, timeout: float):
+        """Waits until ``n`` peers that hold objects are live (raises Timeout)."""
+        _check(api().store_wait_members(self.handle, n, _ms(timeout)))
+
+    def put(self, key: bytes, data: bytes, timeout: float = 10.0):
+        """Stores a small object under a 32-byte key (idempotent)."""
+        k = _keys_array([key])
+        buf = (c_uint8 * len(data)).from_buffer_copy(data) if data else None
+        _check(api().store_put(self.handle, k, buf, len(data), _ms(timeout)))
+
+    def get(self, key: bytes, timeout: float = 10.0) -> Optional[bytes]:
+        """The object stored under ``key``, or None if no live peer holds it."""
+        k = _keys_array([key])
+        n = c_size_t()
+        cap = 4096
+        while True:
+            buf = (c_uint8 * cap)()
+            st = api().store_get(self.handle, k, buf, cap, byref(n), _ms(timeout))
+            if st == _abi.STATUS_NOT_FOUND:
+                return None
+            if st == _abi.STATUS_BUFFER_TOO_SMALL and n.value > cap:
+                cap = n.value
+                continue
+            _check(st)
+            return bytes(buf[: n.value])
+
+    def store_stats(self) -> dict:
+        s = _abi.StoreStats(struct_size=ctypes.sizeof(_abi.StoreStats))
+        _check(api().store_stats(self.handle, byref(s)))
+        return {name: getattr(s, name) for name, _ in _abi.StoreStats._fields_
+                if name not in ("struct_size", "reserved")}

@@ -82,6 +82,24 @@ class InternalError(KvmeshError):
     status = -16
 
 
+class NotFound(KvmeshError, LookupError):
+    """Not stored (any more), or a lookup's lease ran out."""
+
+    status = -17
+
+
+class IntegrityError(KvmeshError):
+    """Bytes did not match their checksum; nothing was trusted."""
+
+    status = -18
+
+
+class NoSpace(KvmeshError):
+    """No store peer had room."""
+
+    status = -19
+
+
 BY_STATUS: dict[int, type[KvmeshError]] = {
     c.status: c
     for c in (
@@ -101,6 +119,9 @@ BY_STATUS: dict[int, type[KvmeshError]] = {
         IoError,
         RemoteError,
         InternalError,
+        NotFound,
+        IntegrityError,
+        NoSpace,
     )
 }
 

@@ -40,20 +40,28 @@ def header_struct_fields(name):
         ("KvmeshBlockFailure", _abi.BlockFailure),
         ("KvmeshReceived", _abi.Received),
         ("KvmeshStats", _abi.Stats),
+        ("KvmeshStoreConfig", _abi.StoreConfig),
+        ("KvmeshNamespace", _abi.Namespace),
+        ("KvmeshBlockKey", _abi.BlockKey),
+        ("KvmeshStoreStats", _abi.StoreStats),
     ],
 )
 def test_ctypes_mirror_follows_the_header(name, cls):
     assert [f[0] for f in cls._fields_] == header_struct_fields(name)
 
 
-def test_library_gives_abi_1_with_push():
+def test_library_gives_abi_1_1_with_push_and_the_store():
     a = kvmesh.load_library()
-    assert (a.abi_major, a.abi_minor) == (kvmesh.ABI_MAJOR, kvmesh.ABI_MINOR)
+    assert (a.abi_major, a.abi_minor) == (kvmesh.ABI_MAJOR, kvmesh.ABI_MINOR) == (1, 1)
     assert a.struct_size == ctypes.sizeof(_abi.Api)
     caps = kvmesh.capabilities()
-    assert caps & kvmesh.CAP_PUSH and caps & kvmesh.CAP_HOST_MEMORY
-    assert not caps & (kvmesh.CAP_LOOKUP | kvmesh.CAP_SAVE | kvmesh.CAP_LOAD | kvmesh.CAP_GPU_MEMORY)
+    for cap in (kvmesh.CAP_PUSH, kvmesh.CAP_HOST_MEMORY, kvmesh.CAP_LOOKUP, kvmesh.CAP_SAVE,
+                kvmesh.CAP_LOAD):
+        assert caps & cap
+    assert not caps & kvmesh.CAP_GPU_MEMORY
     assert kvmesh.status_name(-10) == "KVMESH_STATUS_PEER_LOST"
+    assert kvmesh.status_name(-17) == "KVMESH_STATUS_NOT_FOUND"
+    assert kvmesh.from_status(-18, "x").__class__ is kvmesh.IntegrityError
 
 
 def test_wrong_abi_major_is_refused_by_the_library():
@@ -62,7 +70,9 @@ def test_wrong_abi_major_is_refused_by_the_library():
     get.restype = ctypes.c_int32
     t = _abi.Api()
     assert get(2, ctypes.sizeof(t), ctypes.byref(t)) == kvmesh.AbiMismatch.status
-    assert get(1, ctypes.sizeof(t) - 8, ctypes.byref(t)) == kvmesh.AbiMismatch.status
+    size_1_0 = _abi.Api.store_context_create.offset
+    assert get(1, size_1_0 - 8, ctypes.byref(t)) == kvmesh.AbiMismatch.status
+    assert get(1, size_1_0, ctypes.byref(t)) == 0 and t.struct_size == size_1_0
     assert get(1, ctypes.sizeof(t), None) == kvmesh.NullPointer.status
 
 

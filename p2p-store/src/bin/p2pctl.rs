@@ -94,6 +94,13 @@ struct NodeArgs {
     /// Seconds of silence before a member is declared dead.
     #[arg(long, default_value_t = 3.0)]
     dead_after: f64,
+    /// Seconds between this peer's membership announces (less than
+    /// --dead-after).
+    #[arg(long, default_value_t = 0.5)]
+    announce_interval: f64,
+    /// Seconds to wait after a member dies before re-replicating its objects.
+    #[arg(long, default_value_t = 0.5)]
+    repair_delay: f64,
     /// Data-plane (engine) TCP listen address; default: the libp2p IP, port 0.
     #[arg(long)]
     engine_listen: Option<std::net::SocketAddr>,
@@ -127,6 +134,14 @@ fn env_list(name: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A duration from a positive, finite number of seconds.
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        bail!("{flag} must be a positive number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 fn parse_key(s: &str) -> ObjectKey {
@@ -166,7 +181,7 @@ impl Common {
                 transport: self.transport.parse()?,
                 ..EngineConfig::default()
             },
-            op_timeout: Duration::from_secs_f64(self.timeout),
+            op_timeout: secs("--timeout", self.timeout)?,
             ..StoreConfig::default()
         })
     }
@@ -177,12 +192,12 @@ impl Common {
             bail!("no swarm to join: give --bootstrap ADDR, set KVMESH_BOOTSTRAP, or use --mdns");
         }
         let store = Store::start(cfg).await?;
-        store
-            .wait_for_members(1, Duration::from_secs_f64(self.timeout))
-            .await
-            .context("joining the swarm")?;
-        // Let gossip bring the rest of the members in.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // `start` waited (up to --timeout) for the bootstrap peer's member
+        // list, or the first mDNS peer's, which names every live holder.
+        if let Err(e) = store.wait_for_members(1, Duration::from_millis(500)).await {
+            store.shutdown().await;
+            return Err(e.into());
+        }
         Ok(store)
     }
 }
@@ -239,7 +254,8 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|(p, r)| match r {
                         Ok(st) => serde_json::json!({"peer_id": p, "objects": st.objects, "bytes_stored": st.bytes_stored,
                             "capacity": st.capacity, "ssd_objects": st.ssd_objects, "ssd_bytes": st.ssd_bytes,
-                            "evictions": st.evictions, "spills": st.spills, "repairs": st.repairs, "rpc_served": st.rpc_served}),
+                            "evictions": st.evictions, "spills": st.spills, "repairs": st.repairs, "rpc_served": st.rpc_served,
+                            "leases": st.leases, "reservations": st.reservations, "integrity_failures": st.integrity_failures}),
                         Err(e) => serde_json::json!({"peer_id": p, "error": e.to_string()}),
                     })
                     .collect();
@@ -377,7 +393,9 @@ async fn node(c: &Common, n: &NodeArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("bad --listen {:?}", n.listen))?];
     cfg.metrics_addr = n.metrics_addr;
-    cfg.dead_after = Duration::from_secs_f64(n.dead_after);
+    cfg.dead_after = secs("--dead-after", n.dead_after)?;
+    cfg.announce_interval = secs("--announce-interval", n.announce_interval)?;
+    cfg.repair_delay = secs("--repair-delay", n.repair_delay)?;
     if let (Some(dir), Some(size)) = (&n.ssd_dir, n.ssd_size) {
         cfg.ssd = Some((dir.clone(), size));
     } else if n.ssd_dir.is_some() != n.ssd_size.is_some() {

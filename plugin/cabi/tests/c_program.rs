@@ -1,6 +1,8 @@
 //! Builds `libkvmesh.so`, compiles `plugin/tests/c/abi_test.c` with the
 //! system C compiler (`cc`, or `$CC`) against the checked-in header, and runs
-//! it: dlopen, function table, loopback push with byte checks, misuse.
+//! it: dlopen, function table, loopback push with byte checks, the peer
+//! store (two store contexts; save, lookup, layer-by-layer load, byte
+//! checks), misuse.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 use super::*;
 use std::ptr::{null, null_mut};
 
-fn api() -> KvmeshApi {
+pub(super) fn api() -> KvmeshApi {
     let mut t = std::mem::MaybeUninit::<KvmeshApi>::uninit();
     // SAFETY: `t` has room for a whole table.
     let s = unsafe {
@@ -19,7 +19,7 @@ fn api() -> KvmeshApi {
     unsafe { t.assume_init() }
 }
 
-fn last_error(api: &KvmeshApi) -> String {
+pub(super) fn last_error(api: &KvmeshApi) -> String {
     let mut buf = vec![0u8; 1024];
     let mut n = 0usize;
     // SAFETY: valid buffer and length pointer.
@@ -29,7 +29,7 @@ fn last_error(api: &KvmeshApi) -> String {
 
 /// Asserts a status and that the last error mentions `needle`.
 #[track_caller]
-fn expect(api: &KvmeshApi, got: KvmeshStatus, want: KvmeshStatus, needle: &str) {
+pub(super) fn expect(api: &KvmeshApi, got: KvmeshStatus, want: KvmeshStatus, needle: &str) {
     assert_eq!(got, want, "last error: {}", last_error(api));
     if !needle.is_empty() {
         let e = last_error(api);
@@ -37,7 +37,7 @@ fn expect(api: &KvmeshApi, got: KvmeshStatus, want: KvmeshStatus, needle: &str) 
     }
 }
 
-fn spec_flash(num_blocks: u32) -> KvmeshLayoutSpec {
+pub(super) fn spec_flash(num_blocks: u32) -> KvmeshLayoutSpec {
     // FlashAttention NHD per layer: (2, N, 4 tokens, 2 heads, 8) f16.
     let (v, t, h) = (16u64, 4u64, 2u64);
     KvmeshLayoutSpec {
@@ -59,12 +59,17 @@ fn spec_flash(num_blocks: u32) -> KvmeshLayoutSpec {
     }
 }
 
-struct HostCache {
-    mem: Vec<Vec<u8>>,
-    handle: KvmeshKvCache,
+pub(super) struct HostCache {
+    pub(super) mem: Vec<Vec<u8>>,
+    pub(super) handle: KvmeshKvCache,
 }
 
-fn register(api: &KvmeshApi, ctx: KvmeshContext, layout: KvmeshLayout, seed: u8) -> HostCache {
+pub(super) fn register(
+    api: &KvmeshApi,
+    ctx: KvmeshContext,
+    layout: KvmeshLayout,
+    seed: u8,
+) -> HostCache {
     let mut lens = [0u64; 8];
     let mut n = 0usize;
     // SAFETY: valid output pointers.
@@ -97,7 +102,7 @@ fn register(api: &KvmeshApi, ctx: KvmeshContext, layout: KvmeshLayout, seed: u8)
     HostCache { mem, handle: h }
 }
 
-fn context(api: &KvmeshApi) -> KvmeshContext {
+pub(super) fn context(api: &KvmeshApi) -> KvmeshContext {
     let mut c = 0;
     // SAFETY: valid output pointer; NULL config means defaults.
     let s = unsafe { (api.context_create)(null(), &mut c) };
@@ -105,7 +110,7 @@ fn context(api: &KvmeshApi) -> KvmeshContext {
     c
 }
 
-fn layout(api: &KvmeshApi, spec: &KvmeshLayoutSpec) -> KvmeshLayout {
+pub(super) fn layout(api: &KvmeshApi, spec: &KvmeshLayoutSpec) -> KvmeshLayout {
     let mut l = 0;
     // SAFETY: valid pointers.
     let s = unsafe { (api.layout_create)(spec, &mut l) };
@@ -119,16 +124,35 @@ fn table_reports_version_and_capabilities() {
     assert_eq!(api.abi_major as u32, KVMESH_ABI_MAJOR);
     assert_eq!(api.abi_minor as u32, KVMESH_ABI_MINOR);
     assert_eq!(api.struct_size as usize, std::mem::size_of::<KvmeshApi>());
-    assert_ne!(api.capabilities & KVMESH_CAP_PUSH, 0);
-    assert_ne!(api.capabilities & KVMESH_CAP_HOST_MEMORY, 0);
-    for reserved in [
-        KVMESH_CAP_GPU_MEMORY,
+    for cap in [
+        KVMESH_CAP_PUSH,
+        KVMESH_CAP_HOST_MEMORY,
         KVMESH_CAP_LOOKUP,
         KVMESH_CAP_SAVE,
         KVMESH_CAP_LOAD,
     ] {
-        assert_eq!(api.capabilities & reserved, 0);
+        assert_ne!(api.capabilities & cap, 0);
     }
+    assert_eq!(api.capabilities & KVMESH_CAP_GPU_MEMORY, 0);
+    // A caller built against ABI 1.0 gets the 1.0 table.
+    let old = TABLE_1_0_SIZE as u32;
+    let mut table = std::mem::MaybeUninit::<KvmeshApi>::uninit();
+    // SAFETY: `table` has room for a whole table (aligned); it is then
+    // only read as bytes.
+    let t = unsafe {
+        table.as_mut_ptr().write_bytes(0xAA, 1);
+        let s = kvmesh_get_api(1, old, table.as_mut_ptr());
+        assert_eq!(s, KvmeshStatus::Ok);
+        std::slice::from_raw_parts(
+            table.as_ptr().cast::<u8>(),
+            std::mem::size_of::<KvmeshApi>(),
+        )
+    };
+    assert_eq!(u32::from_ne_bytes(t[..4].try_into().unwrap()), old);
+    assert!(
+        t[old as usize..].iter().all(|&b| b == 0xAA),
+        "wrote past the 1.0 table"
+    );
     let mut name: *const c_char = null();
     // SAFETY: valid output pointer.
     let s = unsafe { (api.status_name)(KvmeshStatus::PeerLost as i32, &mut name) };
@@ -368,7 +392,7 @@ fn misuse_returns_error_statuses() {
         );
         expect(
             &api,
-            kvmesh_get_api(1, size - 8, t.as_mut_ptr()),
+            kvmesh_get_api(1, TABLE_1_0_SIZE as u32 - 8, t.as_mut_ptr()),
             KvmeshStatus::AbiMismatch,
             "bytes requested",
         );

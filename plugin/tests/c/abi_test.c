@@ -1,12 +1,16 @@
 /* The kvmesh C ABI from C: dlopen libkvmesh.so, get the function table,
  * register host KV caches in two contexts, push blocks from one to the
- * other (loopback), check every byte; then misuse every kind of argument
- * and check that each call answers an error status instead of crashing.
+ * other (loopback), check every byte; then the peer store (ABI 1.1): two
+ * store contexts form a swarm, a host KV cache saves blocks, looks them up
+ * and loads them into other blocks, layer by layer, and every byte is
+ * checked; then misuse every kind of argument and check that each call
+ * answers an error status instead of crashing.
  *
  * Usage: abi_test /path/to/libkvmesh.so
  * Built and run by plugin/cabi/tests/c_program.rs. */
 #define _POSIX_C_SOURCE 200809L
 #include <dlfcn.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,6 +118,116 @@ static void make_cache(struct host_cache *c, KvmeshContext ctx, uint32_t blocks,
          KVMESH_STATUS_OK);
 }
 
+/* ---- ABI 1.1: the peer store ---- */
+static KvmeshContext store_context(uint64_t mem, const char *bootstrap) {
+  KvmeshStoreConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.struct_size = sizeof cfg;
+  cfg.mem_bytes = mem;
+  cfg.bootstrap = bootstrap;
+  KvmeshContext c = 0;
+  EXPECT(api.store_context_create(&cfg, &c), KVMESH_STATUS_OK);
+  return c;
+}
+
+static void store_round_trip(void) {
+  /* A peer that holds objects, and a worker that joins through it. */
+  KvmeshContext holder = store_context(16u << 20, NULL);
+  size_t n = 0;
+  EXPECT(api.store_addrs(holder, NULL, 0, &n), KVMESH_STATUS_BUFFER_TOO_SMALL);
+  char *boot = malloc(n + 1);
+  EXPECT(api.store_addrs(holder, boot, n + 1, &n), KVMESH_STATUS_OK);
+  CHECK(strstr(boot, "/p2p/") != NULL);
+  KvmeshContext worker = store_context(0, boot);
+  EXPECT(api.store_wait_members(worker, 1, 10000), KVMESH_STATUS_OK);
+
+  struct host_cache c;
+  make_cache(&c, worker, 10, 42);
+
+  /* Keys of 5 full blocks (and a partial one, which has no key). */
+  uint32_t tokens[5 * TOKENS + 2];
+  for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; i++)
+    tokens[i] = (uint32_t)(1000 + 3 * i);
+  KvmeshNamespace ns;
+  memset(&ns, 0, sizeof ns);
+  ns.struct_size = sizeof ns;
+  ns.model_id = "c-test-model";
+  KvmeshBlockKey keys[8];
+  EXPECT(api.block_keys_from_tokens(c.layout, &ns, tokens, sizeof tokens / sizeof tokens[0],
+                                    keys, 8, &n),
+         KVMESH_STATUS_OK);
+  CHECK(n == 5);
+
+  /* Save blocks 6, 1, 3 under keys 0..2, signalling each layer. */
+  const uint32_t sb[3] = {6, 1, 3};
+  KvmeshOp op = 0;
+  EXPECT(api.save(c.cache, sb, keys, 3, KVMESH_SAVE_PER_LAYER, 0, &op), KVMESH_STATUS_OK);
+  for (uint32_t l = 0; l < LAYERS; l++) EXPECT(api.save_layer(op, l), KVMESH_STATUS_OK);
+  KvmeshOpStatus st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  EXPECT(api.op_wait(op, 10000, &st), KVMESH_STATUS_OK);
+  const uint64_t block_bytes = (uint64_t)LAYERS * 2 * TOKENS * HEADS * VEC;
+  CHECK(st.bytes == 3 * block_bytes && st.failed_blocks == 0);
+  EXPECT(api.op_release(op), KVMESH_STATUS_OK);
+
+  /* Look up all 5 keys: the stored prefix is 3 blocks, leased. */
+  KvmeshLookup lk = 0;
+  size_t found = 0;
+  EXPECT(api.lookup(c.cache, keys, 5, 0, 10000, &lk, &found), KVMESH_STATUS_OK);
+  CHECK(found == 3);
+
+  /* Load them into blocks 9, 0, 4, layer by layer. */
+  const uint32_t db[3] = {9, 0, 4};
+  uint8_t *before[LAYERS];
+  for (int l = 0; l < LAYERS; l++) {
+    before[l] = malloc(c.len[l]);
+    memcpy(before[l], c.mem[l], c.len[l]);
+  }
+  KvmeshOp ld = 0;
+  EXPECT(api.load(lk, 0, db, 3, &ld), KVMESH_STATUS_OK);
+  for (uint32_t l = 0; l < LAYERS; l++) EXPECT(api.layer_ready(ld, l, 10000), KVMESH_STATUS_OK);
+  EXPECT(api.op_wait(ld, 10000, &st), KVMESH_STATUS_OK);
+  CHECK(st.bytes == 3 * block_bytes && st.failed_blocks == 0);
+
+  /* Every byte: the destination blocks hold the saved ones, the rest of
+   * the cache is unchanged. */
+  for (int i = 0; i < 3; i++)
+    for (int l = 0; l < LAYERS; l++)
+      for (int kv = 0; kv < 2; kv++)
+        for (int t = 0; t < TOKENS; t++)
+          for (int h = 0; h < HEADS; h++) {
+            size_t so = vec_offset(&c.spec, sb[i], kv, t, h);
+            size_t d = vec_offset(&c.spec, db[i], kv, t, h);
+            CHECK(memcmp(c.mem[l] + d, before[l] + so, VEC) == 0);
+            memcpy(before[l] + d, before[l] + so, VEC);
+          }
+  for (int l = 0; l < LAYERS; l++) {
+    CHECK(memcmp(c.mem[l], before[l], c.len[l]) == 0);
+    free(before[l]);
+  }
+
+  KvmeshStoreStats ss;
+  memset(&ss, 0, sizeof ss);
+  ss.struct_size = sizeof ss;
+  EXPECT(api.store_stats(worker, &ss), KVMESH_STATUS_OK);
+  CHECK(ss.lookup_blocks == 5 && ss.hit_blocks == 3);
+  CHECK(ss.blocks_saved == 3 && ss.blocks_loaded == 3 && ss.blocks_failed == 0);
+
+  /* Misuse of the store entries. */
+  EXPECT(api.save(c.cache, sb, keys, 3, 0, 0x1234, &op), KVMESH_STATUS_UNSUPPORTED);
+  EXPECT(api.load(lk, 1, db, 3, &ld), KVMESH_STATUS_INVALID_ARGUMENT);
+  EXPECT(api.lookup(c.cache, NULL, 5, 0, 1000, &lk, &found), KVMESH_STATUS_NULL_POINTER);
+  EXPECT(api.lookup_release(lk), KVMESH_STATUS_OK);
+  EXPECT(api.lookup_release(lk), KVMESH_STATUS_INVALID_HANDLE);
+
+  EXPECT(api.context_destroy(worker, 5000), KVMESH_STATUS_OK);
+  EXPECT(api.context_destroy(holder, 5000), KVMESH_STATUS_OK);
+  EXPECT(api.layout_destroy(c.layout), KVMESH_STATUS_OK);
+  for (int l = 0; l < LAYERS; l++) free(c.mem[l]);
+  free(boot);
+}
+
 static void sleep_ms(long ms) {
   struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
   nanosleep(&ts, NULL);
@@ -136,7 +250,13 @@ int main(int argc, char **argv) {
   /* ---- ABI negotiation, with misuse first ---- */
   CHECK(get_api(KVMESH_ABI_MAJOR + 1, sizeof api, &api) == KVMESH_STATUS_ABI_MISMATCH);
   CHECK(get_api(0, sizeof api, &api) == KVMESH_STATUS_ABI_MISMATCH);
-  CHECK(get_api(KVMESH_ABI_MAJOR, sizeof api - 8, &api) == KVMESH_STATUS_ABI_MISMATCH);
+  /* The 1.0 table ends at store_context_create: smaller is refused, the
+   * 1.0 size is served. */
+  const uint32_t size_1_0 = (uint32_t)offsetof(KvmeshApi, store_context_create);
+  CHECK(get_api(KVMESH_ABI_MAJOR, size_1_0 - 8, &api) == KVMESH_STATUS_ABI_MISMATCH);
+  memset(&api, 0, sizeof api);
+  CHECK(get_api(KVMESH_ABI_MAJOR, size_1_0, &api) == KVMESH_STATUS_OK);
+  CHECK(api.struct_size == size_1_0 && api.store_context_create == NULL);
   CHECK(get_api(KVMESH_ABI_MAJOR, sizeof api + 8, &api) == KVMESH_STATUS_ABI_MISMATCH);
   CHECK(get_api(KVMESH_ABI_MAJOR, sizeof api, NULL) == KVMESH_STATUS_NULL_POINTER);
   EXPECT(get_api(KVMESH_ABI_MAJOR, sizeof api, &api), KVMESH_STATUS_OK);
@@ -144,7 +264,9 @@ int main(int argc, char **argv) {
   CHECK(api.abi_major == KVMESH_ABI_MAJOR);
   CHECK(api.capabilities & KVMESH_CAP_PUSH);
   CHECK(api.capabilities & KVMESH_CAP_HOST_MEMORY);
-  CHECK(!(api.capabilities & (KVMESH_CAP_LOOKUP | KVMESH_CAP_SAVE | KVMESH_CAP_LOAD)));
+  CHECK(api.abi_minor >= 1);
+  CHECK((api.capabilities & (KVMESH_CAP_LOOKUP | KVMESH_CAP_SAVE | KVMESH_CAP_LOAD)) ==
+        (KVMESH_CAP_LOOKUP | KVMESH_CAP_SAVE | KVMESH_CAP_LOAD));
 
   /* ---- two contexts: a decode side (b) and a prefill side (a) ---- */
   KvmeshContext a = 0, b = 0;
@@ -235,6 +357,8 @@ int main(int argc, char **argv) {
   EXPECT(api.stats(a, &stats), KVMESH_STATUS_OK);
   CHECK(stats.pushes_submitted == 1 && stats.pushes_succeeded == 1);
   CHECK(stats.blocks_pushed == 3 && stats.ops_in_flight == 0 && stats.kv_caches == 1);
+
+  store_round_trip();
 
   /* ---- misuse: each answers an error status ---- */
   /* Out of range: refused before any byte moves. */

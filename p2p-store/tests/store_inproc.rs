@@ -1,0 +1,261 @@
+//! Store behaviour that needs no separate processes: in-process peers on
+//! 127.0.0.1. Every wait is bounded.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{init_tracing, key, payload};
+use kvmesh_gpu::EngineConfig;
+use kvmesh_p2p_store::membership::quantize_weight;
+use kvmesh_p2p_store::network::Multiaddr;
+use kvmesh_p2p_store::{placement, Candidate, Error, PeerId, PutOptions, Store, StoreConfig};
+
+fn config(mem: u64, bootstrap: Vec<Multiaddr>) -> StoreConfig {
+    StoreConfig {
+        bootstrap,
+        mem_bytes: mem,
+        dead_after: Duration::from_millis(1500),
+        announce_interval: Duration::from_millis(250),
+        repair_delay: Duration::from_millis(200),
+        engine: EngineConfig {
+            io_threads: 1,
+            shm_threads: 1,
+            ..EngineConfig::default()
+        },
+        op_timeout: Duration::from_secs(5),
+        ..StoreConfig::default()
+    }
+}
+
+async fn addr(s: &Store) -> Multiaddr {
+    s.listen_addrs().await[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(
+            s.peer_id_text().parse().unwrap(),
+        ))
+}
+
+async fn until(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < bound, "timed out after {bound:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
+}
+
+/// A goodbye makes the others drop the peer, release what it held and
+/// repair its copies at once, long before `dead_after`; and the leaving
+/// store stops every task it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_peer_is_dropped_at_once_and_its_leases_released() {
+    init_tracing();
+    let mut cfg = config(32 << 20, Vec::new());
+    cfg.dead_after = Duration::from_secs(20);
+    let a = Store::start(cfg.clone()).await.unwrap();
+    cfg.bootstrap = vec![addr(&a).await];
+    let b = Store::start(cfg.clone()).await.unwrap();
+    let c = Store::start(cfg).await.unwrap();
+    for s in [&a, &b, &c] {
+        s.wait_for_members(3, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let opts = PutOptions {
+        replicas: 2,
+        ..PutOptions::default()
+    };
+    let keys: Vec<_> = (0..12).map(|i| key(&format!("leave-{i}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.put(*k, &payload(i as u64, 64 << 10), opts).await.unwrap();
+    }
+    // B leases every object it can find on another holder; those holders
+    // now count leases owned by B.
+    let leases: Vec<_> = b
+        .lease_many(&keys, Duration::from_secs(30))
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|l| l.holder != *b.peer_id())
+        .collect();
+    assert!(!leases.is_empty());
+    let held = |s: &Store| s.stats().leases;
+    assert_eq!(held(&a) + held(&c), leases.len());
+
+    let t0 = Instant::now();
+    b.shutdown().await;
+    assert_eq!(b.running_tasks(), 0, "tasks left after shutdown");
+    let gone = until("A and C drop B", Duration::from_secs(5), || {
+        a.peers().len() == 2 && c.peers().len() == 2
+    })
+    .await;
+    assert!(gone < Duration::from_secs(5));
+    eprintln!("B left; the others dropped it after {:?}", t0.elapsed());
+    until("B's leases released", Duration::from_secs(5), || {
+        held(&a) + held(&c) == 0
+    })
+    .await;
+    // Every object has two copies again, on A and C.
+    let t1 = Instant::now();
+    loop {
+        let mut ok = true;
+        for k in &keys {
+            if a.locate(*k).await.unwrap().len() != 2 {
+                ok = false;
+            }
+        }
+        if ok {
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(10), "not repaired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(c.get(*k).await.unwrap(), Some(payload(i as u64, 64 << 10)));
+    }
+    // A stopped store refuses holder work and a second shutdown is a no-op.
+    b.shutdown().await;
+    for s in [&a, &c] {
+        s.shutdown().await;
+        assert_eq!(s.running_tasks(), 0);
+    }
+}
+
+/// A put whose first HRW target refuses the object (too large for it)
+/// stores the copy on the next peer, and records where it really is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_moves_on_when_a_target_refuses() {
+    init_tracing();
+    let big = Store::start(config(64 << 20, Vec::new())).await.unwrap();
+    let boot = vec![addr(&big).await];
+    // 1 MiB of memory: objects up to 256 KiB.
+    let small = Store::start(config(1 << 20, boot.clone())).await.unwrap();
+    let client = Store::start(config(0, boot)).await.unwrap();
+    client
+        .wait_for_members(2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let members: Vec<Candidate> = client
+        .peers()
+        .iter()
+        .map(|p| {
+            let id: libp2p::PeerId = p.peer_id.parse().unwrap();
+            Candidate::new(
+                PeerId::from_bytes(&id.to_bytes()).unwrap(),
+                quantize_weight(p.free, 3),
+            )
+        })
+        .collect();
+    // A key the small peer ranks first for.
+    let k = (0..1000)
+        .map(|i| key(&format!("refused-{i}")))
+        .find(|k| placement::ranked(k, &members)[0] == *small.peer_id())
+        .expect("some key ranks the small peer first");
+    let data = payload(5, 512 << 10);
+    client
+        .put(
+            k,
+            &data,
+            PutOptions {
+                replicas: 2,
+                ..PutOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.locate(k).await.unwrap(), vec![big.peer_id().clone()]);
+    assert_eq!(client.get(k).await.unwrap(), Some(data));
+    for s in [&client, &small, &big] {
+        s.shutdown().await;
+    }
+}
+
+/// Objects spilled to the SSD tier survive a restart of their holder: the
+/// new incarnation indexes the files, announces them, and serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spilled_objects_are_served_after_a_restart() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(2 << 20, Vec::new());
+    cfg.ssd = Some((dir.path().to_path_buf(), 32 << 20));
+    let holder = Store::start(cfg.clone()).await.unwrap();
+    let keys: Vec<_> = (0..24).map(|i| key(&format!("restart-{i}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        holder
+            .put(*k, &payload(i as u64, 256 << 10), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    until("spills", Duration::from_secs(5), || {
+        holder.stats().ssd_objects >= 12
+    })
+    .await;
+    let spilled = holder.stats().ssd_objects;
+    holder.shutdown().await;
+    drop(holder);
+
+    let again = Store::start(cfg).await.unwrap();
+    // A spill in flight at shutdown may still have landed.
+    let restored = again.stats().ssd_objects;
+    assert!(
+        restored >= spilled,
+        "{restored} restored, {spilled} spilled"
+    );
+    let client = Store::start(config(0, vec![addr(&again).await]))
+        .await
+        .unwrap();
+    client
+        .wait_for_members(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut served = 0;
+    for (i, k) in keys.iter().enumerate() {
+        if let Some(v) = client.get(*k).await.unwrap() {
+            assert!(v == payload(i as u64, 256 << 10), "object {i}");
+            served += 1;
+        }
+    }
+    assert_eq!(served, restored, "every restored object is served");
+    client.shutdown().await;
+    again.shutdown().await;
+}
+
+/// Clear errors: a client with nothing to join, and settings that cannot
+/// work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unjoinable_client_and_bad_settings_fail_clearly() {
+    init_tracing();
+    let alone = Store::start(config(0, Vec::new())).await.unwrap();
+    let err = alone
+        .wait_for_members(1, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotJoined(_)), "{err}");
+    assert!(err.to_string().contains("no bootstrap address"), "{err}");
+    assert_eq!(alone.get(key("x")).await.unwrap(), None);
+    let put = alone
+        .put(key("x"), b"data", PutOptions::default())
+        .await
+        .unwrap_err();
+    assert!(put.to_string().contains("no live holder"), "{put}");
+    alone.shutdown().await;
+
+    // Nothing listens at the bootstrap address.
+    let mut cfg = config(0, vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()]);
+    cfg.op_timeout = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let lost = Store::start(cfg).await.unwrap();
+    let err = lost
+        .wait_for_members(1, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Connection refused"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    lost.shutdown().await;
+
+    let mut bad = config(1 << 20, Vec::new());
+    bad.announce_interval = bad.dead_after;
+    let err = Store::start(bad).await.unwrap_err();
+    assert!(err.to_string().contains("announce_interval"), "{err}");
+}
