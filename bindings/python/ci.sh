@@ -13,7 +13,9 @@ cd "$(dirname "$0")/../.."
 
 # KVMESH_PROFILE=debug reuses the debug build of the workspace (CI).
 profile="${KVMESH_PROFILE:-release}"
-if [ "$profile" = release ]; then
+if [ "${KVMESH_PREBUILT:-0}" = 1 ]; then
+  : # the caller built the workspace already (CI: cargo build --workspace --all-targets)
+elif [ "$profile" = release ]; then
   cargo build --release -p kvmesh-cabi
 else
   cargo build -p kvmesh-cabi
