@@ -277,7 +277,8 @@ struct Inner {
 }
 
 /// A store peer (cheap to clone). Holds objects if `mem_bytes > 0`, and is
-/// always a client of the others.
+/// always a client of the others. Call [`Store::shutdown`] before dropping
+/// the last handle: the background tasks hold the store until then.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -508,7 +509,9 @@ impl Store {
         if self.inner.closed.load(Relaxed) {
             return;
         }
-        tasks.retain(|t| !t.is_finished());
+        if tasks.len() >= 32 {
+            tasks.retain(|t| !t.is_finished());
+        }
         tasks.push(tokio::spawn(fut));
     }
 
@@ -757,19 +760,21 @@ impl Store {
     /// stops every task of this store and waits for them to end, closes the
     /// libp2p swarm. Holder RPCs are refused from then on. Idempotent.
     pub async fn shutdown(&self) {
-        let tasks: Vec<_> = {
+        let mut tasks = {
             let mut t = self.inner.tasks.lock();
             if self.inner.closed.swap(true, Relaxed) {
                 return;
             }
-            t.drain(..).collect()
+            std::mem::take(&mut *t)
         };
         for t in &tasks {
             t.abort();
         }
-        for t in tasks {
+        for t in &mut tasks {
             let _ = t.await;
         }
+        // Kept (all finished now) so that `running_tasks` reports the truth.
+        self.inner.tasks.lock().extend(tasks);
         if self.is_holder() {
             let bye = Leave {
                 version: LEAVE_VERSION,
@@ -1591,7 +1596,8 @@ impl Store {
         out
     }
 
-    /// Ends leases (fire and forget: the holder also expires them).
+    /// Ends leases (fire and forget: the holder also expires them). Must be
+    /// called inside a tokio runtime.
     pub fn release(&self, leases: Vec<Leased>) {
         let mut by_peer: HashMap<PeerId, Vec<u64>> = HashMap::new();
         for l in leases {
@@ -1602,7 +1608,7 @@ impl Store {
                 continue;
             };
             let me = self.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 let _ = me.call(&link, &Request::Release { leases: ids }).await;
             });
         }

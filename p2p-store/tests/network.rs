@@ -281,8 +281,9 @@ async fn private_network_rejects_other_keys() {
     init_tracing();
     let key1 = parse_swarm_key(&generate_swarm_key()).unwrap();
     let key2 = parse_swarm_key(&generate_swarm_key()).unwrap();
-    // A mismatched key yields garbage that fails negotiation at once or, when
-    // the garbage parses as a partial frame, at the connect timeout.
+    // A mismatched key fails the marker check right after the PSK
+    // handshake; no key fails multistream negotiation, at worst at the
+    // connect timeout.
     let cfg = |bootstrap, psk| {
         let mut cfg = config(bootstrap, psk);
         cfg.connect_timeout = Duration::from_secs(2);

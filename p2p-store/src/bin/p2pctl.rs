@@ -2,11 +2,14 @@
 //!
 //! ```text
 //! p2pctl node --listen /ip4/0.0.0.0/tcp/4001 --mem 4GiB [--bootstrap ADDR]... [--ssd-dir D --ssd-size 64GiB]
+//!             [--dead-after S] [--announce-interval S] [--repair-delay S] [--mdns] [--psk-file F]
 //! p2pctl peers | stat | locate KEY | put KEY FILE [--replicas N] | get KEY FILE | bench
 //! ```
 //! Client commands join the swarm briefly (as a peer that holds nothing) and
 //! leave. `KVMESH_BOOTSTRAP` (addresses separated by commas or spaces) and
-//! `KVMESH_PSK_FILE` are read from the environment. Tables by default,
+//! `KVMESH_PSK_FILE` are read from the environment. `node` prints
+//! `KVMESH_NODE <peer id> <multiaddr>...` as its first stdout line. Failures
+//! exit non-zero with a one-line reason. Tables by default,
 //! `--json` for scripts. KEY is 64 hex digits, or any other text, which is
 //! hashed into a key.
 
@@ -202,7 +205,7 @@ impl Common {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -210,11 +213,20 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    rt.block_on(run(cli))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
