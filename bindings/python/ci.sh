@@ -13,17 +13,22 @@ cd "$(dirname "$0")/../.."
 
 # KVMESH_PROFILE=debug reuses the debug build of the workspace (CI).
 profile="${KVMESH_PROFILE:-release}"
-if [ "${KVMESH_PREBUILT:-0}" = 1 ]; then
+if [ -n "${KVMESH_LIB:-}" ]; then
+  : # the caller names the library to test
+elif [ "${KVMESH_PREBUILT:-0}" = 1 ]; then
   : # the caller built the workspace already (CI: cargo build --workspace --all-targets)
 elif [ "$profile" = release ]; then
   cargo build --release -p kvmesh-cabi
 else
   cargo build -p kvmesh-cabi
 fi
-target="${CARGO_TARGET_DIR:-$PWD/target}"
-case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
-export KVMESH_LIB="$target/$profile/libkvmesh.so"
-test -f "$KVMESH_LIB"
+if [ -z "${KVMESH_LIB:-}" ]; then
+  target="${CARGO_TARGET_DIR:-$PWD/target}"
+  case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
+  KVMESH_LIB="$target/$profile/libkvmesh.so"
+fi
+export KVMESH_LIB
+test -f "$KVMESH_LIB" || { echo "ci.sh: $KVMESH_LIB not found" >&2; exit 1; }
 
 venv="${KVMESH_CI_VENV:-$PWD/.venv-ci}"
 if [ ! -x "$venv/bin/python" ]; then
