@@ -641,9 +641,14 @@ impl Index {
         self.account(key, |m, _| m.leases -= 1);
         // An unleased object with both copies (its spill completed while it
         // was leased) is back in the LRU; eviction demotes it without I/O.
+        // A spill or promotion in flight finishes the removal when it ends
+        // (`complete_spill` / `complete_promotion`): the record must outlive
+        // it, or its bytes stay counted as spilling forever.
         let meta = &self.objects[key];
         match meta.doomed {
-            Some(reason) if meta.leases == 0 => self.finish_removal(key, reason),
+            Some(reason) if meta.leases == 0 && !meta.spilling && meta.promoting.is_none() => {
+                self.finish_removal(key, reason)
+            }
             _ => None,
         }
     }

@@ -60,6 +60,8 @@ pub enum Request {
     Lease {
         keys: Vec<ObjectKey>,
         duration_ms: u64,
+        /// Leases of the same owner to end first (deferred releases).
+        release: Vec<u64>,
     },
     /// End leases (batched).
     Release { leases: Vec<u64> },
@@ -176,7 +178,8 @@ pub trait Batched {
 impl Batched for Request {
     fn batch_len(&self) -> usize {
         match self {
-            Request::Lease { keys, .. } | Request::Contains { keys } => keys.len(),
+            Request::Lease { keys, release, .. } => keys.len().max(release.len()),
+            Request::Contains { keys } => keys.len(),
             Request::Release { leases } => leases.len(),
             Request::Commit { holders, .. } | Request::SetHolders { holders, .. } => holders.len(),
             _ => 0,
@@ -233,6 +236,7 @@ mod tests {
         let r = Request::Lease {
             keys: vec![ObjectKey::for_content(b"a")],
             duration_ms: 5,
+            release: vec![7, 9],
         };
         let b = encode(&r);
         assert_eq!(decode::<Request>(&b).unwrap(), r);

@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -228,6 +228,18 @@ enum Maint {
     Repair(Vec<PeerId>),
 }
 
+/// The checksum of the bytes a put stores, computed on first use.
+struct Lazy<'a> {
+    cell: &'a OnceLock<Checksum>,
+    bytes: &'a [u8],
+}
+
+impl Lazy<'_> {
+    fn get(&self) -> Checksum {
+        *self.cell.get_or_init(|| Checksum::compute(self.bytes))
+    }
+}
+
 /// Where a get puts the bytes.
 #[derive(Clone, Copy)]
 enum Dest<'a> {
@@ -239,6 +251,10 @@ enum Dest<'a> {
 
 /// Most holders a get asks for one key before it gives up.
 const MAX_GET_ATTEMPTS: usize = 4;
+
+/// How long an ended lease may wait for a request to its holder to ride on
+/// before it is sent on its own.
+const RELEASE_DELAY: Duration = Duration::from_millis(2);
 /// Wait between tries of a put whose target is out of room for a moment
 /// (evicting or spilling).
 const PUT_RETRY_BACKOFF: Duration = Duration::from_millis(20);
@@ -274,6 +290,17 @@ struct Inner {
     /// Live peers whose copies are gone (restarted), until a repair pass
     /// has restored everything.
     repair_lost: Mutex<Vec<PeerId>>,
+    /// Leases ended by the caller but not yet told to their holder: the
+    /// next lease request to that holder carries them, or a flush
+    /// [`RELEASE_DELAY`] later does.
+    pending_release: Mutex<PendingRelease>,
+}
+
+/// Lease ids waiting to be sent to their holders.
+#[derive(Default)]
+struct PendingRelease {
+    by_peer: HashMap<PeerId, Vec<u64>>,
+    flush_scheduled: bool,
 }
 
 /// A store peer (cheap to clone). Holds objects if `mem_bytes > 0`, and is
@@ -447,6 +474,7 @@ impl Store {
             repair_lock: tokio::sync::Mutex::new(()),
             repair_pending: AtomicBool::new(false),
             repair_lost: Mutex::new(Vec::new()),
+            pending_release: Mutex::new(PendingRelease::default()),
             cfg,
         });
         let store = Store { inner };
@@ -760,6 +788,7 @@ impl Store {
     /// stops every task of this store and waits for them to end, closes the
     /// libp2p swarm. Holder RPCs are refused from then on. Idempotent.
     pub async fn shutdown(&self) {
+        self.flush_releases().await;
         let mut tasks = {
             let mut t = self.inner.tasks.lock();
             if self.inner.closed.swap(true, Relaxed) {
@@ -1032,7 +1061,17 @@ impl Store {
                     },
                 }
             }
-            Request::Lease { keys, duration_ms } => {
+            Request::Lease {
+                keys,
+                duration_ms,
+                release,
+            } => {
+                if !release.is_empty() {
+                    let mut h = holder.lock();
+                    for l in release {
+                        let _ = h.release(&owner, LeaseId(l));
+                    }
+                }
                 let d = Duration::from_millis(duration_ms);
                 Response::Leases(
                     keys.iter()
@@ -1260,7 +1299,13 @@ impl Store {
         // the engine only reads it.
         let bytes = unsafe { region.slice(offset, len) }
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let checksum = Checksum::compute(bytes);
+        // Computed once, by the first copy whose WRITE is in flight, so the
+        // hash overlaps the engine's copy instead of preceding it.
+        let checksum = OnceLock::new();
+        let checksum = Lazy {
+            cell: &checksum,
+            bytes,
+        };
         let members = self.candidates();
         let ranked = placement::ranked(&key, &members);
         let want = opts.replicas.max(1).min(ranked.len());
@@ -1279,7 +1324,7 @@ impl Store {
         loop {
             let futs = round.iter().map(|t| {
                 self.put_one(
-                    t, key, region, offset, len, checksum, opts, &planned, deadline,
+                    t, key, region, offset, len, &checksum, opts, &planned, deadline,
                 )
             });
             let results = futures::future::join_all(futs).await;
@@ -1360,7 +1405,7 @@ impl Store {
         region: &Region,
         offset: u64,
         len: u64,
-        checksum: Checksum,
+        checksum: &Lazy<'_>,
         opts: PutOptions,
         holders: &[PeerId],
         deadline: Instant,
@@ -1394,11 +1439,20 @@ impl Store {
             }
         };
         let op = Op::write(region.id(), offset, link.pool, roff, len);
-        let st = self.transfer(&[op]).await;
-        if let Err(e) = st {
-            let _ = self.call(&link, &Request::Abort { reservation }).await;
-            return Err(e);
-        }
+        let st = match self.transfer_start(&[op]) {
+            Ok(batch) => {
+                let checksum = checksum.get();
+                self.transfer_finish(batch).await.map(|()| checksum)
+            }
+            Err(e) => Err(e),
+        };
+        let checksum = match st {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.call(&link, &Request::Abort { reservation }).await;
+                return Err(e);
+            }
+        };
         let commit = Request::Commit {
             key,
             reservation,
@@ -1419,8 +1473,13 @@ impl Store {
     }
 
     async fn transfer(&self, ops: &[Op]) -> Result<()> {
-        let b = self
-            .inner
+        let b = self.transfer_start(ops)?;
+        self.transfer_finish(b).await
+    }
+
+    /// Submits an engine batch; the bytes start moving at once.
+    fn transfer_start(&self, ops: &[Op]) -> Result<kvmesh_gpu::Batch> {
+        self.inner
             .engine
             .submit(
                 ops,
@@ -1429,7 +1488,11 @@ impl Store {
                     notify: None,
                 },
             )
-            .map_err(|e| remote(ErrorKind::Invalid, format!("engine: {e}")))?;
+            .map_err(|e| remote(ErrorKind::Invalid, format!("engine: {e}")))
+    }
+
+    /// Waits for a batch from [`Store::transfer_start`].
+    async fn transfer_finish(&self, b: kvmesh_gpu::Batch) -> Result<()> {
         let st = b.wait().await;
         st.result.map_err(|k| {
             remote(
@@ -1518,6 +1581,7 @@ impl Store {
                                 &Request::Lease {
                                     keys: ks,
                                     duration_ms: duration.as_millis() as u64,
+                                    release: self.take_pending_release(&peer),
                                 },
                             )
                             .await
@@ -1597,21 +1661,60 @@ impl Store {
     }
 
     /// Ends leases (fire and forget: the holder also expires them). Must be
-    /// called inside a tokio runtime.
+    /// called inside a tokio runtime. The ids ride on the next lease request
+    /// to the same holder, or go in one message per holder [`RELEASE_DELAY`]
+    /// later: a get then costs one round trip, not two.
     pub fn release(&self, leases: Vec<Leased>) {
-        let mut by_peer: HashMap<PeerId, Vec<u64>> = HashMap::new();
-        for l in leases {
-            by_peer.entry(l.holder).or_default().push(l.grant.lease);
+        if leases.is_empty() {
+            return;
         }
-        for (peer, ids) in by_peer {
-            let Ok(link) = self.link_of(&peer) else {
-                continue;
-            };
+        let schedule = {
+            let mut p = self.inner.pending_release.lock();
+            for l in leases {
+                p.by_peer.entry(l.holder).or_default().push(l.grant.lease);
+            }
+            !std::mem::replace(&mut p.flush_scheduled, true)
+        };
+        if schedule {
             let me = self.clone();
             self.spawn(async move {
-                let _ = me.call(&link, &Request::Release { leases: ids }).await;
+                tokio::time::sleep(RELEASE_DELAY).await;
+                me.flush_releases().await;
             });
         }
+    }
+
+    /// Lease ids owed to `peer`, taken to ride on a request to it.
+    fn take_pending_release(&self, peer: &PeerId) -> Vec<u64> {
+        let mut p = self.inner.pending_release.lock();
+        match p.by_peer.get_mut(peer) {
+            Some(ids) if ids.len() > rpc::MAX_BATCH_KEYS => {
+                let rest = ids.len() - rpc::MAX_BATCH_KEYS;
+                ids.split_off(rest)
+            }
+            Some(_) => p.by_peer.remove(peer).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Sends every pending release now, one message per holder.
+    async fn flush_releases(&self) {
+        let pending = {
+            let mut p = self.inner.pending_release.lock();
+            p.flush_scheduled = false;
+            std::mem::take(&mut p.by_peer)
+        };
+        let futs = pending.into_iter().map(|(peer, ids)| async move {
+            if let Ok(link) = self.link_of(&peer) {
+                for chunk in ids.chunks(rpc::MAX_BATCH_KEYS) {
+                    let req = Request::Release {
+                        leases: chunk.to_vec(),
+                    };
+                    let _ = self.call(&link, &req).await;
+                }
+            }
+        });
+        futures::future::join_all(futs).await;
     }
 
     /// Reads `key` into a registered region at `offset` (at most `max_len`
@@ -1780,6 +1883,7 @@ impl Store {
         let req = Request::Lease {
             keys: vec![*key],
             duration_ms: self.inner.cfg.lease.as_millis() as u64,
+            release: self.take_pending_release(peer),
         };
         match self.call(&link, &req).await {
             Ok(Response::Leases(mut g)) => match g.pop() {
@@ -2082,6 +2186,11 @@ impl Store {
             ttl,
         };
         let deadline = Instant::now() + self.inner.cfg.op_timeout;
+        let known = OnceLock::from(grant.checksum);
+        let checksum = Lazy {
+            cell: &known,
+            bytes: &[],
+        };
         let futs = task.targets.iter().map(|t| {
             self.put_one(
                 t,
@@ -2089,7 +2198,7 @@ impl Store {
                 pool,
                 grant.offset,
                 grant.len,
-                grant.checksum,
+                &checksum,
                 opts,
                 &task.holders,
                 deadline,
