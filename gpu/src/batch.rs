@@ -42,6 +42,8 @@ pub struct RemoteRegion {
     pub region: RegionId,
     pub len: u64,
     pub shareable: bool,
+    /// Where the remote bytes live (GPU regions may go over `cuda-ipc`).
+    pub kind: crate::memory::MemoryKind,
 }
 
 /// One one-sided operation.
@@ -150,6 +152,8 @@ pub(crate) struct BatchState {
     locals: Mutex<Vec<InUse>>,
     /// Base address of each entry of `locals`.
     local_base: Vec<usize>,
+    /// The GPU of each entry of `locals` that is device memory.
+    local_gpu: Vec<Option<crate::cuda::GpuDevice>>,
     /// Index into `locals` for each op.
     pub(crate) op_local: Vec<u32>,
     pub(crate) remote_regions: Vec<RegionId>,
@@ -209,6 +213,7 @@ impl BatchState {
             slice_state: (0..n).map(|_| AtomicU8::new(PENDING)).collect(),
             slices,
             local_base: locals.iter().map(|r| r.ptr() as usize).collect(),
+            local_gpu: locals.iter().map(|r| r.gpu_device().cloned()).collect(),
             locals: Mutex::new(locals),
             op_local,
             remote_regions,
@@ -230,6 +235,13 @@ impl BatchState {
         let s = &self.slices[i];
         let base = self.local_base[self.op_local[s.op as usize] as usize];
         (base + s.local_offset as usize) as *mut u8
+    }
+
+    /// The GPU holding slice `i`'s local bytes, if they are device memory
+    /// (transports that cannot address it stage through pinned memory).
+    pub(crate) fn local_device(&self, i: usize) -> Option<&crate::cuda::GpuDevice> {
+        let s = &self.slices[i];
+        self.local_gpu[self.op_local[s.op as usize] as usize].as_ref()
     }
 
     pub(crate) fn kind_of(&self, i: usize) -> OpKind {

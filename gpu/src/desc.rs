@@ -13,7 +13,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Version of the descriptor encoding; bumped on incompatible change.
-pub const DESC_VERSION: u16 = 1;
+///
+/// - 1: first release.
+/// - 2: region descriptors carry CUDA IPC reachability of GPU regions.
+///   Peer descriptors are unchanged; both still decode version 1.
+pub const DESC_VERSION: u16 = 2;
+/// Oldest version this build decodes.
+pub const DESC_VERSION_MIN: u16 = 1;
 const DESC_MAGIC: [u8; 2] = *b"KM";
 /// Largest descriptor we accept from outside.
 pub const MAX_DESC_BYTES: usize = 64 * 1024;
@@ -58,9 +64,14 @@ impl PeerDesc {
         encode_versioned(self)
     }
 
-    /// Decodes [`PeerDesc::to_bytes`] output.
+    /// Decodes [`PeerDesc::to_bytes`] output (versions 1 and 2 share the
+    /// peer layout).
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        decode_versioned(b)
+        let (version, body) = split_versioned(b)?;
+        match version {
+            DESC_VERSION_MIN..=DESC_VERSION => decode_body(body),
+            v => Err(unknown_version(v)),
+        }
     }
 
     /// Short printable id (first 8 bytes of the engine id in hex).
@@ -78,7 +89,8 @@ pub(crate) fn encode_versioned<T: Serialize>(v: &T) -> Vec<u8> {
     out
 }
 
-pub(crate) fn decode_versioned<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+/// Checks size and magic; returns the version and the body.
+pub(crate) fn split_versioned(b: &[u8]) -> Result<(u16, &[u8])> {
     if b.len() > MAX_DESC_BYTES {
         return Err(Error::BadDescriptor(format!(
             "{} bytes, more than the {MAX_DESC_BYTES} allowed",
@@ -90,13 +102,25 @@ pub(crate) fn decode_versioned<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
             "not a kvmesh descriptor (bad magic)".into(),
         ));
     }
-    let version = u16::from_le_bytes([b[2], b[3]]);
-    if version != DESC_VERSION {
-        return Err(Error::BadDescriptor(format!(
-            "descriptor version {version}, this build understands {DESC_VERSION}"
-        )));
-    }
-    postcard::from_bytes(&b[4..]).map_err(|e| Error::BadDescriptor(format!("decode: {e}")))
+    Ok((u16::from_le_bytes([b[2], b[3]]), &b[4..]))
+}
+
+pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    postcard::from_bytes(body).map_err(|e| Error::BadDescriptor(format!("decode: {e}")))
+}
+
+pub(crate) fn unknown_version(v: u16) -> Error {
+    Error::BadDescriptor(format!(
+        "descriptor version {v}, this build understands {DESC_VERSION_MIN} to {DESC_VERSION}"
+    ))
+}
+
+/// This machine's identity (boot id), shared by every network namespace:
+/// what CUDA IPC needs, where `shm` needs [`local_host_id`].
+pub fn machine_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown-boot".into())
 }
 
 pub(crate) fn hex_encode(b: &[u8]) -> String {
@@ -137,9 +161,7 @@ pub(crate) fn hex_decode(s: &str) -> Result<Vec<u8>> {
 /// (they cannot reach each other's abstract unix sockets).
 pub fn local_host_id() -> String {
     use std::os::unix::fs::MetadataExt;
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown-boot".into());
+    let boot = machine_id();
     let netns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
@@ -172,6 +194,17 @@ mod tests {
         assert!(err.contains("version 99"), "{err}");
         assert!(PeerDesc::from_bytes(&b[..3]).is_err());
         assert!(PeerDesc::from_bytes(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn peer_desc_of_version_1_still_decodes() {
+        let d = sample();
+        let mut b = d.to_bytes();
+        b[2..4].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(PeerDesc::from_bytes(&b).unwrap(), d);
+        b[2..4].copy_from_slice(&3u16.to_le_bytes());
+        let e = PeerDesc::from_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
     }
 
     #[test]

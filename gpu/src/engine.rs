@@ -4,10 +4,16 @@
 //!
 //! ```text
 //!  submit(ops) --validate--> plan per (peer, transport) --> tcp lanes  --> peer's tcp server
-//!       |                                              \--> shm copies --> peer's memfd pages
+//!       |                                              |--> shm copies --> peer's memfd pages
+//!       |                                              \--> cuda-ipc: cuMemcpyAsync on the
+//!       |                                                   engine stream --> event poller
 //!       +--> deadline timer (abort + tear down stalled lanes)
 //!  all slices terminal --> notifications (if any) --> batch complete --> poll / wait
 //! ```
+//!
+//! GPU memory: `cuda-ipc` copies device to device (or host to device)
+//! straight into a same-host peer's region; `tcp` (both sides) and `shm`
+//! (initiator side) stage GPU bytes through pinned bounce buffers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
-use crate::batch::{Batch, BatchOptions, BatchState, Op};
+use crate::batch::{Batch, BatchOptions, BatchState, Op, OpKind, BUSY, PENDING};
 use crate::desc::{local_host_id, EngineId, PeerDesc};
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::{InUse, MemoryKind, Region, RegionDesc, RegionId, RegionInner};
@@ -35,8 +41,12 @@ pub enum TransportKind {
     /// Shared memory only; peers on other hosts (or regions that are not
     /// shareable) are refused with `Unreachable`.
     Shm,
-    /// `shm` for same-host peers and shareable regions, else `tcp`.
+    /// `cuda-ipc` for same-host GPU regions, `shm` for same-host shareable
+    /// host regions, else `tcp`.
     Auto,
+    /// CUDA IPC only (same machine, remote GPU regions); other ops are
+    /// refused with `Unreachable`.
+    CudaIpc,
 }
 
 impl std::str::FromStr for TransportKind {
@@ -46,8 +56,9 @@ impl std::str::FromStr for TransportKind {
             "tcp" => Ok(TransportKind::Tcp),
             "shm" => Ok(TransportKind::Shm),
             "auto" => Ok(TransportKind::Auto),
+            "cuda-ipc" => Ok(TransportKind::CudaIpc),
             _ => Err(Error::Invalid(format!(
-                "unknown transport {s:?} (expected tcp, shm or auto)"
+                "unknown transport {s:?} (expected tcp, shm, cuda-ipc or auto)"
             ))),
         }
     }
@@ -147,6 +158,8 @@ pub(crate) struct Shared {
     /// Wakes threads blocked in `recv_notification_timeout`.
     notify_lock: Mutex<()>,
     notify_cv: parking_lot::Condvar,
+    /// One copy stream per GPU for `cuda-ipc` batches.
+    gpu_streams: Mutex<HashMap<u32, Arc<crate::cuda::GpuStream>>>,
 }
 
 /// Answers RPCs from peers ([`Engine::call`]): gets the caller's engine id
@@ -172,12 +185,20 @@ impl Shared {
             .get(&region)
             .cloned()
             .ok_or(ErrorKind::UnknownRegion)?;
-        if !r.kind.is_host() {
-            return Err(ErrorKind::Unreachable);
-        }
         r.check("remote request", offset, len)
             .map_err(|e| e.kind())?;
         Ok(InUse::new(r))
+    }
+
+    /// The engine's copy stream on `dev`.
+    fn gpu_stream(&self, dev: &crate::cuda::GpuDevice) -> Result<Arc<crate::cuda::GpuStream>> {
+        let mut g = self.gpu_streams.lock();
+        if let Some(s) = g.get(&dev.ordinal()) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(crate::cuda::GpuStream::new(dev)?);
+        g.insert(dev.ordinal(), s.clone());
+        Ok(s)
     }
 
     /// Runs the RPC handler; (status, reply).
@@ -201,6 +222,11 @@ impl Shared {
 struct Peer {
     desc: PeerDesc,
     same_host: bool,
+    /// CUDA IPC reachability of the peer's GPU regions we imported.
+    /// (with the region's length).
+    gpu: Mutex<HashMap<RegionId, (crate::memory::GpuRegionDesc, u64)>>,
+    /// Opened CUDA IPC mappings of the peer's regions.
+    ipc: Mutex<HashMap<RegionId, Arc<crate::cuda::IpcMapping>>>,
     lanes: Mutex<Vec<Option<Arc<Lane>>>>,
     shm: Mutex<Option<Arc<ShmPeer>>>,
     shm_connect: tokio::sync::Mutex<()>,
@@ -252,8 +278,14 @@ struct EngineInner {
     draining: Mutex<std::collections::HashSet<RegionId>>,
 }
 
+/// Engines of this process (a process cannot open its own CUDA IPC handles;
+/// `cuda-ipc` between them uses the device pointer directly).
+static LOCAL_ENGINES: Mutex<Vec<EngineId>> = Mutex::new(Vec::new());
+
 impl Drop for EngineInner {
     fn drop(&mut self) {
+        let id = self.shared.desc.engine_id;
+        LOCAL_ENGINES.lock().retain(|e| *e != id);
         if let Some(rt) = self.rt.lock().take() {
             rt.shutdown_background();
         }
@@ -280,6 +312,7 @@ impl std::fmt::Debug for Engine {
 enum Route {
     Tcp(PeerId),
     Shm(PeerId),
+    CudaIpc(PeerId),
 }
 
 impl Engine {
@@ -348,7 +381,9 @@ impl Engine {
             deadlines: Arc::new(crate::deadline::Deadlines::default()),
             notify_lock: Mutex::new(()),
             notify_cv: parking_lot::Condvar::new(),
+            gpu_streams: Mutex::new(HashMap::new()),
         });
+        LOCAL_ENGINES.lock().push(engine_id);
         rt.spawn(shared.deadlines.clone().run());
         {
             let _g = rt.enter();
@@ -411,15 +446,20 @@ impl Engine {
     /// Allocates and registers `len` bytes of engine-owned memory.
     ///
     /// Host kinds are backed by a memfd, so same-host peers reach them over
-    /// `shm`. `HostPinned` is additionally locked in RAM. GPU memory needs
-    /// the `cuda` feature and a driver.
+    /// `shm`. `HostPinned` is additionally locked in RAM. GPU memory
+    /// (zeroed, exported for CUDA IPC) needs the `cuda` feature and a
+    /// driver; without them the error is [`Error::NoCuda`].
     pub fn alloc(&self, len: u64, kind: MemoryKind) -> Result<Region> {
-        if let MemoryKind::Gpu { device } = kind {
-            return Err(Error::NoCuda(format!(
-                "cannot allocate {len} bytes on GPU {device}: this engine has no CUDA support"
-            )));
-        }
         let id = self.inner.next_region.fetch_add(1, SeqCst);
+        if let MemoryKind::Gpu { device } = kind {
+            let inner = RegionInner::alloc_gpu(id, len, device).map_err(|e| match e {
+                Error::NoCuda(m) => {
+                    Error::NoCuda(format!("cannot allocate {len} bytes on GPU {device}: {m}"))
+                }
+                e => e,
+            })?;
+            return Ok(self.add_region(inner));
+        }
         Ok(self.add_region(RegionInner::alloc_memfd(id, len, kind)?))
     }
 
@@ -428,13 +468,26 @@ impl Engine {
     /// # Safety
     /// `ptr..ptr+len` must be valid for reads and writes from any thread
     /// until [`Engine::deregister`] for this region has returned `Ok`.
+    ///
+    /// GPU memory (`MemoryKind::Gpu`, e.g. a KV-cache tensor's
+    /// `data_ptr()`) must lie inside one device allocation of that GPU; it
+    /// is exported for CUDA IPC when the driver allows (not for
+    /// `cuMemCreate`/expandable-segment memory, which then travels staged
+    /// over `tcp`).
     pub unsafe fn register(&self, ptr: *mut u8, len: u64, kind: MemoryKind) -> Result<Region> {
-        if let MemoryKind::Gpu { device } = kind {
-            return Err(Error::NoCuda(format!(
-                "cannot register GPU {device} memory: this engine has no CUDA support"
-            )));
-        }
         let id = self.inner.next_region.fetch_add(1, SeqCst);
+        if let MemoryKind::Gpu { device } = kind {
+            // SAFETY: forwarded from the caller's contract.
+            let inner = unsafe { RegionInner::external_gpu(id, ptr, len, device) }.map_err(
+                |e| match e {
+                    Error::NoCuda(m) => {
+                        Error::NoCuda(format!("cannot register GPU {device} memory: {m}"))
+                    }
+                    e => e,
+                },
+            )?;
+            return Ok(self.add_region(inner));
+        }
         // SAFETY: forwarded from the caller's contract.
         let inner = unsafe { RegionInner::external(id, ptr, len, kind) }?;
         Ok(self.add_region(inner))
@@ -491,6 +544,8 @@ impl Engine {
         let peer = Peer {
             desc: desc.clone(),
             same_host: desc.host_id == self.shared().desc.host_id,
+            gpu: Mutex::new(HashMap::new()),
+            ipc: Mutex::new(HashMap::new()),
             lanes: Mutex::new(vec![None; lanes]),
             shm: Mutex::new(None),
             shm_connect: tokio::sync::Mutex::new(()),
@@ -514,11 +569,15 @@ impl Engine {
     /// Imports a peer's region descriptor for use in [`Op`]s.
     pub fn import(&self, desc: &RegionDesc) -> crate::RemoteRegion {
         let peer = self.add_peer(&desc.peer);
+        if let (Some(g), Ok(p)) = (&desc.gpu, self.peer(peer)) {
+            p.gpu.lock().insert(desc.region, (g.clone(), desc.len));
+        }
         crate::RemoteRegion {
             peer,
             region: desc.region,
             len: desc.len,
             shareable: desc.shareable,
+            kind: desc.kind,
         }
     }
 
@@ -531,12 +590,43 @@ impl Engine {
             .ok_or(Error::UnknownPeer(id.0))
     }
 
+    /// Whether `cuda-ipc` reaches the peer's region: a GPU region of an
+    /// engine on this machine with an IPC export (or in this process).
+    fn ipc_reason(&self, peer: &Peer, op: &Op) -> std::result::Result<(), &'static str> {
+        if !matches!(op.remote.kind, MemoryKind::Gpu { .. }) {
+            return Err("region is host memory");
+        }
+        let g = peer.gpu.lock();
+        let Some((d, _)) = g.get(&op.remote.region) else {
+            return Err("region descriptor carries no CUDA IPC information");
+        };
+        if LOCAL_ENGINES.lock().contains(&peer.desc.engine_id) {
+            return Ok(());
+        }
+        if d.host_id != crate::desc::machine_id() {
+            return Err("peer is on another machine");
+        }
+        if d.ipc_handle.len() != crate::cuda::IPC_HANDLE_BYTES {
+            return Err("region could not be exported for CUDA IPC");
+        }
+        Ok(())
+    }
+
     fn route(&self, peer: &Peer, id: PeerId, op: &Op) -> Result<Route> {
         let shm_ok = peer.same_host && peer.desc.shm.is_some() && op.remote.shareable;
+        let ipc = self.ipc_reason(peer, op);
         match self.shared().cfg.transport {
             TransportKind::Tcp => Ok(Route::Tcp(id)),
+            TransportKind::Auto if ipc.is_ok() => Ok(Route::CudaIpc(id)),
             TransportKind::Auto if shm_ok => Ok(Route::Shm(id)),
             TransportKind::Auto => Ok(Route::Tcp(id)),
+            TransportKind::CudaIpc => match ipc {
+                Ok(()) => Ok(Route::CudaIpc(id)),
+                Err(why) => Err(Error::Unsupported(format!(
+                    "cuda-ipc cannot reach region {} of {id}: {why}",
+                    op.remote.region
+                ))),
+            },
             TransportKind::Shm if shm_ok => Ok(Route::Shm(id)),
             TransportKind::Shm => Err(Error::Unsupported(format!(
                 "shm cannot reach region {} of {id}: {}",
@@ -620,12 +710,6 @@ impl Engine {
                 }
             };
             let l = &locals[idx as usize];
-            if !l.kind.is_host() {
-                return Err(Error::NoCuda(format!(
-                    "op {i}: local region is {} memory",
-                    l.kind
-                )));
-            }
             l.check("local range", op.local_offset, op.len)?;
             if op
                 .remote_offset
@@ -670,7 +754,7 @@ impl Engine {
                 .collect();
             let lanes = match route {
                 Route::Tcp(p) => peers[p].lanes.lock().len() as u16,
-                Route::Shm(_) => 1,
+                Route::Shm(_) | Route::CudaIpc(_) => 1,
             };
             let start = slices.len();
             for mut s in plan(&spans, sh.cfg.slice_size, lanes) {
@@ -706,6 +790,7 @@ impl Engine {
             match *route {
                 Route::Tcp(pid) => self.dispatch_tcp(&state, &peers[&pid], range),
                 Route::Shm(pid) => self.dispatch_shm(&state, &peers[&pid], range),
+                Route::CudaIpc(pid) => self.dispatch_ipc(&state, &peers[&pid], range),
             }
         }
         // Batches copied inline are done already and need no deadline.
@@ -788,6 +873,183 @@ impl Engine {
         });
     }
 
+    /// Queues the group's copies on the engine's copy stream of the local
+    /// GPU (or of the remote region's GPU when the local side is host
+    /// memory); the event poller completes the slices.
+    fn dispatch_ipc(
+        &self,
+        state: &Arc<BatchState>,
+        peer: &Arc<Peer>,
+        range: std::ops::Range<usize>,
+    ) {
+        let idx: Vec<usize> = range.collect();
+        // Every op of the group has one remote region per op; resolve each
+        // distinct region once.
+        let mut remotes: HashMap<RegionId, std::result::Result<RemoteGpu, ErrorKind>> =
+            HashMap::new();
+        let mut issued = Vec::with_capacity(idx.len());
+        let mut stream_of: Option<Arc<crate::cuda::GpuStream>> = None;
+        for &i in &idx {
+            let region = state.remote_region_of(i);
+            let remote = remotes
+                .entry(region)
+                .or_insert_with(|| self.open_remote_gpu(peer, region, state.local_device(i)))
+                .clone();
+            let remote = match remote {
+                Ok(r) => r,
+                Err(k) => {
+                    state.fail(i, k);
+                    continue;
+                }
+            };
+            let s = state.slices[i];
+            if s.remote_offset
+                .checked_add(s.len)
+                .is_none_or(|e| e > remote.len)
+            {
+                state.fail(i, ErrorKind::OutOfBounds);
+                continue;
+            }
+            let stream = match &stream_of {
+                Some(st) if st.device() == &remote.dev => st.clone(),
+                _ => match self.shared().gpu_stream(&remote.dev) {
+                    Ok(st) => {
+                        stream_of = Some(st.clone());
+                        st
+                    }
+                    Err(e) => {
+                        tracing::warn!("cuda-ipc stream: {e}");
+                        state.fail(i, ErrorKind::Io);
+                        continue;
+                    }
+                },
+            };
+            if !state.advance(i, PENDING, BUSY) {
+                continue; // aborted
+            }
+            let local = state.local_ptr(i) as u64;
+            let rptr = remote.addr + s.remote_offset;
+            let (dst, src) = match state.kind_of(i) {
+                OpKind::Write => (rptr, local),
+                OpKind::Read => (local, rptr),
+            };
+            // SAFETY: the local range was checked at submit and its region is
+            // held in use by the batch until the slice completes; the remote
+            // range lies inside the peer's region (checked above) whose
+            // mapping `remote.keep` holds until the completion callback.
+            match unsafe { stream.copy_raw(dst, src, s.len) } {
+                Ok(()) => issued.push((i, stream.clone(), remote.keep.clone())),
+                Err(e) => {
+                    tracing::warn!("cuda-ipc copy: {e}");
+                    state.fail(i, ErrorKind::Io);
+                }
+            }
+        }
+        // One event per stream used, after all of its copies.
+        let mut by_stream: Vec<(Arc<crate::cuda::GpuStream>, Vec<usize>, Vec<KeepAlive>)> =
+            Vec::new();
+        for (i, st, keep) in issued {
+            match by_stream.iter_mut().find(|(s, _, _)| Arc::ptr_eq(s, &st)) {
+                Some(e) => {
+                    e.1.push(i);
+                    e.2.push(keep);
+                }
+                None => by_stream.push((st, vec![i], vec![keep])),
+            }
+        }
+        for (st, slices, keep) in by_stream {
+            let ev = match st.record() {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!("cuda-ipc event: {e}");
+                    // The copies are queued; wait for them here rather than
+                    // report bytes that may still be moving.
+                    let ok = st.synchronize().is_ok();
+                    for i in slices {
+                        if ok {
+                            state.complete(i, BUSY);
+                        } else {
+                            state.fail(i, ErrorKind::Io);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let st2 = state.clone();
+            ev.on_complete(move |r| {
+                let _keep = keep;
+                for i in slices {
+                    match &r {
+                        Ok(()) => {
+                            st2.complete(i, BUSY);
+                        }
+                        Err(e) => {
+                            tracing::warn!("cuda-ipc copy failed: {e}");
+                            st2.fail(i, ErrorKind::Io);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Resolves a peer's GPU region to an address usable here: the pointer
+    /// itself for an engine of this process, else the opened IPC mapping.
+    fn open_remote_gpu(
+        &self,
+        peer: &Peer,
+        region: RegionId,
+        local_dev: Option<&crate::cuda::GpuDevice>,
+    ) -> std::result::Result<RemoteGpu, ErrorKind> {
+        let (d, len) = peer
+            .gpu
+            .lock()
+            .get(&region)
+            .cloned()
+            .ok_or(ErrorKind::Unreachable)?;
+        let dev = match local_dev {
+            Some(dv) => dv.clone(),
+            None => crate::cuda::GpuDevice::open(d.device).map_err(|e| {
+                tracing::warn!("cuda-ipc: GPU {}: {e}", d.device);
+                ErrorKind::Unreachable
+            })?,
+        };
+        if LOCAL_ENGINES.lock().contains(&peer.desc.engine_id) {
+            return Ok(RemoteGpu {
+                dev,
+                addr: d.addr,
+                len,
+                keep: None,
+            });
+        }
+        if let Some(m) = peer.ipc.lock().get(&region) {
+            if m.device() == &dev {
+                return Ok(RemoteGpu {
+                    dev,
+                    addr: m.base() + d.ipc_offset,
+                    len,
+                    keep: Some(m.clone()),
+                });
+            }
+        }
+        let handle: [u8; crate::cuda::IPC_HANDLE_BYTES] = d
+            .ipc_handle
+            .as_slice()
+            .try_into()
+            .map_err(|_| ErrorKind::Unreachable)?;
+        let m = crate::cuda::IpcMapping::open(&dev, &handle).map_err(|e| {
+            tracing::warn!("cuda-ipc: opening region {region}: {e}");
+            ErrorKind::Unreachable
+        })?;
+        peer.ipc.lock().insert(region, m.clone());
+        Ok(RemoteGpu {
+            dev,
+            addr: m.base() + d.ipc_offset,
+            len,
+            keep: Some(m),
+        })
+    }
+
     fn arm_deadline(
         &self,
         state: &Arc<BatchState>,
@@ -798,7 +1060,7 @@ impl Engine {
             .iter()
             .filter_map(|(r, _)| match r {
                 Route::Tcp(p) => Some(peers[p].clone()),
-                Route::Shm(_) => None,
+                Route::Shm(_) | Route::CudaIpc(_) => None,
             })
             .collect();
         let on_expire: crate::deadline::OnExpire = Box::new(move |st: Arc<BatchState>| {
@@ -955,6 +1217,20 @@ impl Engine {
     pub fn region_count(&self) -> usize {
         self.shared().regions.read().len()
     }
+}
+
+/// What a completion callback keeps alive: the IPC mapping the copies use.
+type KeepAlive = Option<Arc<crate::cuda::IpcMapping>>;
+
+/// A peer's GPU region as reachable from this process.
+#[derive(Clone)]
+struct RemoteGpu {
+    /// The device whose stream runs the copies.
+    dev: crate::cuda::GpuDevice,
+    /// Address of the region's first byte here.
+    addr: u64,
+    len: u64,
+    keep: KeepAlive,
 }
 
 fn run_copies(

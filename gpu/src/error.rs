@@ -111,8 +111,17 @@ pub enum Error {
     BadDescriptor(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// CUDA cannot be used here: no driver, no NVRTC, or a build without
+    /// the `cuda` feature.
     #[error("{0}")]
     NoCuda(String),
+    /// A CUDA driver or NVRTC call failed.
+    #[error("CUDA call {call} failed: {message} (code {code})")]
+    Cuda {
+        call: &'static str,
+        code: i32,
+        message: String,
+    },
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("region {0} still has operations in flight after the deadline")]
@@ -145,7 +154,7 @@ impl Error {
             Error::Unsupported(_) | Error::NoCuda(_) => ErrorKind::Unreachable,
             Error::Timeout(_) => ErrorKind::Timeout,
             Error::RegionBusy(_) => ErrorKind::Busy,
-            Error::Io { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Cuda { .. } => ErrorKind::Io,
             Error::Transfer(k) => *k,
         }
     }

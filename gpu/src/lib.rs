@@ -25,15 +25,20 @@
 //! (engine-allocated memory is memfd-backed and mapped by the initiator).
 
 mod batch;
+pub mod cuda;
 mod deadline;
 mod desc;
 mod engine;
 mod error;
+#[cfg(feature = "gdrcopy")]
+pub mod gdr;
 mod handshake;
 mod memory;
 pub mod pattern;
 pub mod plan;
 mod rawio;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 mod shm;
 mod tcp;
 mod wire;
@@ -41,9 +46,9 @@ mod wire;
 pub mod size;
 
 pub use batch::{Batch, BatchId, BatchOptions, BatchStatus, Op, OpKind, OpStatus, RemoteRegion};
-pub use desc::{local_host_id, EngineId, PeerDesc, DESC_VERSION};
+pub use desc::{local_host_id, machine_id, EngineId, PeerDesc, DESC_VERSION};
 pub use engine::{Engine, EngineConfig, Notification, PeerId, RpcHandler, TransportKind};
 pub use error::{Error, ErrorKind, Result};
-pub use memory::{MemoryKind, Region, RegionDesc, RegionId};
+pub use memory::{GpuRegionDesc, MemoryKind, Region, RegionDesc, RegionId};
 pub use tcp::MAX_SLICE_BYTES;
 pub use wire::{MAX_CALL_BYTES, MAX_NOTIFY_BYTES};

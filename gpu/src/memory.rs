@@ -7,6 +7,10 @@
 //! registers from its own pointer is reachable over `tcp` (and, for GPU
 //! memory, over the GPU transports) but not over `shm`.
 //!
+//! GPU regions hold device memory (engine-allocated, or the caller's, such
+//! as a tensor) plus its CUDA IPC export, so a same-host peer can open it
+//! (`cuda-ipc`); other transports stage GPU bytes through pinned host memory.
+//!
 //! This module must not depend on any transport.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -57,6 +61,14 @@ enum Backing {
     Memfd { fd: OwnedFd },
     /// Memory owned by the caller; never freed by us.
     External,
+    /// Device memory: ours (`owned`) or the caller's, with its IPC export
+    /// when the driver could export it.
+    Gpu {
+        dev: crate::cuda::GpuDevice,
+        /// Engine-allocated memory, freed when the region goes.
+        _owned: Option<crate::cuda::DeviceBuffer>,
+        ipc: Option<crate::cuda::IpcExport>,
+    },
 }
 
 /// The shared state behind a [`Region`] handle. The memory stays valid for as
@@ -130,6 +142,89 @@ impl RegionInner {
         Ok(inner)
     }
 
+    /// Allocates `len` zeroed bytes on GPU `device` and exports them for IPC.
+    pub(crate) fn alloc_gpu(id: RegionId, len: u64, device: u32) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::Invalid("region length must be > 0".into()));
+        }
+        let dev = crate::cuda::GpuDevice::open(device)?;
+        let buf = crate::cuda::DeviceBuffer::zeroed(&dev, len)?;
+        let ptr = crate::cuda::GpuMemory::addr(&buf);
+        let ipc = export_or_log(&dev, ptr, len);
+        Ok(RegionInner {
+            id,
+            ptr: NonNull::new(ptr as *mut u8)
+                .ok_or_else(|| Error::Invalid("cuMemAlloc returned null".into()))?,
+            len,
+            kind: MemoryKind::Gpu { device },
+            backing: Backing::Gpu {
+                dev,
+                _owned: Some(buf),
+                ipc,
+            },
+            locked: false,
+            inflight: Default::default(),
+        })
+    }
+
+    /// Wraps caller-owned device memory of GPU `device` after checking that
+    /// the whole range belongs to one allocation of that device.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay allocated until the region is deregistered
+    /// and that call has returned.
+    pub(crate) unsafe fn external_gpu(
+        id: RegionId,
+        ptr: *mut u8,
+        len: u64,
+        device: u32,
+    ) -> Result<Self> {
+        let nn = NonNull::new(ptr).ok_or_else(|| Error::Invalid("null region pointer".into()))?;
+        if len == 0 {
+            return Err(Error::Invalid("region length must be > 0".into()));
+        }
+        let dev = crate::cuda::GpuDevice::open(device)?;
+        match crate::cuda::pointer_device(ptr as u64)? {
+            Some(d) if d == device => {}
+            Some(d) => {
+                return Err(Error::Invalid(format!(
+                    "pointer {ptr:p} is memory of GPU {d}, not GPU {device}"
+                )))
+            }
+            None => {
+                return Err(Error::Invalid(format!(
+                    "pointer {ptr:p} is not device memory of GPU {device}"
+                )))
+            }
+        }
+        let (base, alloc_len) = crate::cuda::allocation_range(ptr as u64)?;
+        if (ptr as u64 - base)
+            .checked_add(len)
+            .is_none_or(|e| e > alloc_len)
+        {
+            return Err(Error::OutOfBounds {
+                what: "registered GPU range",
+                offset: ptr as u64 - base,
+                len,
+                region_len: alloc_len,
+            });
+        }
+        let ipc = export_or_log(&dev, ptr as u64, len);
+        Ok(RegionInner {
+            id,
+            ptr: nn,
+            len,
+            kind: MemoryKind::Gpu { device },
+            backing: Backing::Gpu {
+                dev,
+                _owned: None,
+                ipc,
+            },
+            locked: false,
+            inflight: Default::default(),
+        })
+    }
+
     /// Wraps caller-owned memory.
     ///
     /// # Safety
@@ -182,8 +277,30 @@ impl RegionInner {
     pub(crate) fn memfd(&self) -> Option<&OwnedFd> {
         match &self.backing {
             Backing::Memfd { fd } => Some(fd),
-            Backing::External => None,
+            _ => None,
         }
+    }
+
+    /// The device of a GPU region.
+    pub(crate) fn gpu_device(&self) -> Option<&crate::cuda::GpuDevice> {
+        match &self.backing {
+            Backing::Gpu { dev, .. } => Some(dev),
+            _ => None,
+        }
+    }
+
+    fn gpu_desc(&self) -> Option<GpuRegionDesc> {
+        let Backing::Gpu { dev, ipc, .. } = &self.backing else {
+            return None;
+        };
+        Some(GpuRegionDesc {
+            device: dev.ordinal(),
+            host_id: crate::desc::machine_id(),
+            pid: std::process::id(),
+            ipc_handle: ipc.map(|x| x.handle.to_vec()).unwrap_or_default(),
+            ipc_offset: ipc.map_or(0, |x| x.offset),
+            addr: self.ptr.as_ptr() as u64,
+        })
     }
 
     /// Checks `offset..offset+len` against the region.
@@ -251,6 +368,20 @@ impl Drop for RegionInner {
                     std::io::Error::last_os_error()
                 );
             }
+        }
+    }
+}
+
+fn export_or_log(
+    dev: &crate::cuda::GpuDevice,
+    ptr: u64,
+    len: u64,
+) -> Option<crate::cuda::IpcExport> {
+    match crate::cuda::IpcExport::new(dev, ptr, len) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!("GPU region at {ptr:#x} cannot be exported for CUDA IPC: {e}");
+            None
         }
     }
 }
@@ -328,11 +459,26 @@ impl Region {
             len: self.inner.len,
             kind: self.inner.kind,
             shareable: self.is_shareable(),
+            gpu: self.inner.gpu_desc(),
         }
     }
 
-    /// Copies `data` into the region at `offset` (host regions only).
+    /// Copies `data` into the region at `offset` (for GPU regions a
+    /// synchronous copy to the device).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if let Some(dev) = self.inner.gpu_device() {
+            self.inner.check("write_at", offset, data.len() as u64)?;
+            // SAFETY: destination checked against the region (alive while
+            // `self` is); the source is a live slice.
+            return unsafe {
+                crate::cuda::copy_sync(
+                    dev,
+                    self.inner.ptr() as u64 + offset,
+                    data.as_ptr() as u64,
+                    data.len() as u64,
+                )
+            };
+        }
         self.host_check("write_at", offset, data.len() as u64)?;
         // SAFETY: bounds checked above; the region keeps the memory alive; raw
         // copy into memory we do not hold a Rust reference to.
@@ -346,8 +492,21 @@ impl Region {
         Ok(())
     }
 
-    /// Copies bytes of the region at `offset` into `out` (host regions only).
+    /// Copies bytes of the region at `offset` into `out` (for GPU regions a
+    /// synchronous copy from the device).
     pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(dev) = self.inner.gpu_device() {
+            self.inner.check("read_at", offset, out.len() as u64)?;
+            // SAFETY: source checked against the region; `out` is exclusive.
+            return unsafe {
+                crate::cuda::copy_sync(
+                    dev,
+                    out.as_mut_ptr() as u64,
+                    self.inner.ptr() as u64 + offset,
+                    out.len() as u64,
+                )
+            };
+        }
         self.host_check("read_at", offset, out.len() as u64)?;
         // SAFETY: bounds checked above; the region keeps the memory alive.
         unsafe {
@@ -360,8 +519,15 @@ impl Region {
         Ok(())
     }
 
-    /// Fills `len` bytes at `offset` with `byte` (host regions only).
+    /// Fills `len` bytes at `offset` with `byte` (synchronously for GPU regions).
     pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<()> {
+        if let Some(dev) = self.inner.gpu_device() {
+            self.inner.check("fill", offset, len)?;
+            // SAFETY: range checked against the region's device memory.
+            return unsafe {
+                crate::cuda::fill_sync(dev, self.inner.ptr() as u64 + offset, len, byte)
+            };
+        }
         self.host_check("fill", offset, len)?;
         // SAFETY: bounds checked above.
         unsafe { std::ptr::write_bytes(self.inner.ptr().add(offset as usize), byte, len as usize) };
@@ -409,6 +575,27 @@ impl Region {
     }
 }
 
+/// How a same-host peer reaches a GPU region through CUDA IPC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuRegionDesc {
+    /// Ordinal of the GPU in the owner's process.
+    pub device: u32,
+    /// The owner's machine (boot id): CUDA IPC works between processes of
+    /// one machine whatever their network namespace.
+    pub host_id: String,
+    /// The owner's process id.
+    pub pid: u32,
+    /// CUDA IPC handle of the allocation containing the region (64 bytes);
+    /// empty when the driver could not export it (then only staged
+    /// transports reach the region).
+    pub ipc_handle: Vec<u8>,
+    /// Offset of the region inside that allocation.
+    pub ipc_offset: u64,
+    /// Start of the region in the owner's address space (engines of the
+    /// same process use it directly: a process cannot open its own handles).
+    pub addr: u64,
+}
+
 /// Everything a peer needs to reach one region: the owning engine's
 /// descriptor plus the region's id, length and kind. Versioned and
 /// serialisable (see [`RegionDesc::to_bytes`]).
@@ -420,17 +607,46 @@ pub struct RegionDesc {
     pub kind: MemoryKind,
     /// Reachable through `shm` from the same host.
     pub shareable: bool,
+    /// CUDA IPC reachability of a GPU region (`None` for host memory).
+    pub gpu: Option<GpuRegionDesc>,
+}
+
+/// The layout of descriptor version 1 (before GPU regions had IPC fields).
+#[derive(Deserialize)]
+struct RegionDescV1 {
+    peer: PeerDesc,
+    region: RegionId,
+    len: u64,
+    kind: MemoryKind,
+    shareable: bool,
 }
 
 impl RegionDesc {
-    /// Versioned binary encoding.
+    /// Versioned binary encoding (version [`crate::DESC_VERSION`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         crate::desc::encode_versioned(self)
     }
 
-    /// Decodes [`RegionDesc::to_bytes`] output; rejects other versions.
+    /// Decodes [`RegionDesc::to_bytes`] output of this or an earlier
+    /// version (version 1 descriptors carry no GPU reachability); rejects
+    /// other versions with the version in the message.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        crate::desc::decode_versioned(b)
+        let (version, body) = crate::desc::split_versioned(b)?;
+        match version {
+            1 => {
+                let v: RegionDescV1 = crate::desc::decode_body(body)?;
+                Ok(RegionDesc {
+                    peer: v.peer,
+                    region: v.region,
+                    len: v.len,
+                    kind: v.kind,
+                    shareable: v.shareable,
+                    gpu: None,
+                })
+            }
+            crate::desc::DESC_VERSION => crate::desc::decode_body(body),
+            v => Err(crate::desc::unknown_version(v)),
+        }
     }
 
     /// Hex text form (for command lines and logs).
@@ -464,6 +680,75 @@ mod tests {
             prop_assert!(r.check("t", region_len - 1, 1).is_ok());
             prop_assert!(r.check("t", region_len, 1).is_err());
         }
+    }
+
+    fn peer() -> PeerDesc {
+        PeerDesc {
+            engine_id: [3; 16],
+            host_id: crate::desc::local_host_id(),
+            tcp: vec!["127.0.0.1:4000".parse().unwrap()],
+            shm: None,
+            tcp_conns: 2,
+            secret: [5; 32],
+        }
+    }
+
+    #[test]
+    fn gpu_region_desc_round_trips_with_ipc_fields() {
+        let d = RegionDesc {
+            peer: peer(),
+            region: 9,
+            len: 1 << 30,
+            kind: MemoryKind::Gpu { device: 3 },
+            shareable: false,
+            gpu: Some(GpuRegionDesc {
+                device: 3,
+                host_id: crate::desc::machine_id(),
+                pid: 4242,
+                ipc_handle: (0..64).collect(),
+                ipc_offset: 4096,
+                addr: 0x7f00_0000_1000,
+            }),
+        };
+        let b = d.to_bytes();
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]), crate::DESC_VERSION);
+        assert_eq!(RegionDesc::from_bytes(&b).unwrap(), d);
+        assert_eq!(RegionDesc::from_hex(&d.to_hex()).unwrap(), d);
+        // Truncated or future descriptors fail with a reason.
+        assert!(RegionDesc::from_bytes(&b[..b.len() - 3]).is_err());
+        let mut future = b.clone();
+        future[2..4].copy_from_slice(&7u16.to_le_bytes());
+        let e = RegionDesc::from_bytes(&future).unwrap_err().to_string();
+        assert!(e.contains("version 7"), "{e}");
+    }
+
+    #[test]
+    fn version_1_region_desc_decodes_without_gpu_info() {
+        #[derive(Serialize)]
+        struct V1 {
+            peer: PeerDesc,
+            region: RegionId,
+            len: u64,
+            kind: MemoryKind,
+            shareable: bool,
+        }
+        let v1 = V1 {
+            peer: peer(),
+            region: 4,
+            len: 4096,
+            kind: MemoryKind::Shm,
+            shareable: true,
+        };
+        let mut b = b"KM".to_vec();
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&postcard::to_allocvec(&v1).unwrap());
+        let d = RegionDesc::from_bytes(&b).unwrap();
+        assert_eq!(
+            (d.region, d.len, d.kind, d.shareable),
+            (4, 4096, MemoryKind::Shm, true)
+        );
+        assert_eq!(d.gpu, None);
+        assert_eq!(d.peer, peer());
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! (`OP_REVOKE` → the initiator drains its copies, unmaps, `OP_REVOKE_ACK`),
 //! and its EOF tells the initiator the target died.
 //!
+//! A GPU region on the initiator's side is staged through a pinned bounce
+//! buffer of the copying thread (`cuMemcpy` plus `memcpy`); the target's
+//! regions are always host memory (GPU targets are reached over `cuda-ipc`).
+//!
 //! Mappings cover exactly one region, so an initiator cannot reach any
 //! other memory of the target whatever offsets it computes; slices are
 //! still bounds-checked against the mapping before every copy.
@@ -548,6 +552,24 @@ pub(crate) fn copy_slices(
             continue;
         }
         let local = batch.local_ptr(i);
+        if let Some(dev) = batch.local_device(i) {
+            // SAFETY: as below; the local range is device memory of `dev`.
+            let r = unsafe {
+                let remote = m.ptr.as_ptr().add(s.remote_offset as usize);
+                staged_copy(dev, batch.kind_of(i), local as u64, remote, s.len)
+            };
+            match r {
+                Ok(()) if !peer.dead.load(SeqCst) => {
+                    batch.complete(i, BUSY);
+                }
+                Ok(()) => batch.fail(i, ErrorKind::ConnectionLost),
+                Err(e) => {
+                    tracing::warn!("shm staged GPU copy: {e}");
+                    batch.fail(i, ErrorKind::Io);
+                }
+            }
+            continue;
+        }
         // SAFETY: the remote range lies inside the mapping (checked just above)
         // which `m` keeps mapped; the local range was checked at submit and the
         // batch holds its region in use; the two never overlap (distinct
@@ -566,6 +588,36 @@ pub(crate) fn copy_slices(
             batch.complete(i, BUSY);
         }
     }
+}
+
+thread_local! {
+    /// The copying thread's pinned staging buffer for GPU slices.
+    static BOUNCE: std::cell::RefCell<crate::cuda::Bounce> = Default::default();
+}
+
+/// Copies one slice between local device memory and a remote mapping
+/// through this thread's bounce buffer.
+///
+/// # Safety
+/// `dev_ptr..+len` must be device memory of `dev` and `host..+len` mapped
+/// host memory, both reserved for this slice.
+unsafe fn staged_copy(
+    dev: &crate::cuda::GpuDevice,
+    kind: OpKind,
+    dev_ptr: u64,
+    host: *mut u8,
+    len: u64,
+) -> crate::error::Result<()> {
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            match kind {
+                OpKind::Write => b.device_to_host(dev, host, dev_ptr, len),
+                OpKind::Read => b.host_to_device(dev, dev_ptr, host, len),
+            }
+        }
+    })
 }
 
 /// A unit of work for the copy threads.

@@ -8,6 +8,11 @@
 //! fed by a bounded queue of `(batch, slices)` jobs plus a reader task; both
 //! share an in-flight FIFO, which matches responses because the server
 //! answers in request order.
+//!
+//! GPU regions, on either side, are staged through a pinned bounce buffer
+//! per connection (per lane writer and reader on the client): device bytes
+//! are copied into it with `cuMemcpy` before sending, and received bytes are
+//! copied from it to the device. Host regions keep the zero-copy paths.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -21,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::batch::{BatchState, OpKind, BUSY, PENDING, SENT};
+use crate::cuda::Bounce;
 use crate::engine::{Notification, Shared};
 use crate::error::ErrorKind;
 use crate::handshake;
@@ -81,6 +87,7 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
     } else {
         None
     };
+    let mut bounce = Bounce::default();
     let mut hb = [0u8; std::mem::size_of::<ReqHeader>()];
     loop {
         match read_exact(s, &mut hb).await {
@@ -101,6 +108,38 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                     ));
                 }
                 match shared.checked_region(region, offset, len) {
+                    Ok(r) if r.gpu_device().is_some() => {
+                        let dev = r.gpu_device().cloned().expect("checked above");
+                        let area = bounce.receive_area(&dev, len).map(|a| a as usize);
+                        let area = match area {
+                            Ok(a) => a,
+                            Err(e) => {
+                                tracing::warn!(region, "refused GPU write: {e}");
+                                discard(s, len)
+                                    .await
+                                    .map_err(|e| format!("discarding refused write: {e}"))?;
+                                respond(s, wire::OP_WRITE, ErrorKind::Io.code(), id, 0).await?;
+                                continue;
+                            }
+                        };
+                        // SAFETY: the receive area holds `len` bytes and is ours.
+                        unsafe { read_exact_raw(s, area, len as usize) }
+                            .await
+                            .map_err(|e| format!("write payload: {e}"))?;
+                        // SAFETY: bounds checked; `r` keeps the device memory
+                        // registered while the copy runs.
+                        let landed =
+                            unsafe { bounce.drain_to_device(&dev, r.ptr() as u64 + offset, len) };
+                        drop(r);
+                        match landed {
+                            Ok(()) if h.flags & wire::FLAG_ACK == 0 => {}
+                            Ok(()) => respond(s, wire::OP_WRITE, 0, id, 0).await?,
+                            Err(e) => {
+                                tracing::warn!(region, "GPU write: {e}");
+                                respond(s, wire::OP_WRITE, ErrorKind::Io.code(), id, 0).await?;
+                            }
+                        }
+                    }
                     Ok(r) => {
                         // SAFETY: bounds checked; `r` keeps the memory alive and
                         // counts as in flight until the payload has landed.
@@ -130,6 +169,33 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                     ));
                 }
                 match shared.checked_region(region, offset, len) {
+                    Ok(r) if r.gpu_device().is_some() => {
+                        let dev = r.gpu_device().cloned().expect("checked above");
+                        // SAFETY: bounds checked; `r` keeps the device memory
+                        // registered during the copy.
+                        let staged =
+                            unsafe { bounce.fill_from_device(&dev, r.ptr() as u64 + offset, len) };
+                        drop(r);
+                        let staged = staged.map(|p| p as usize);
+                        match staged {
+                            Ok(p) => {
+                                let rh = RespHeader::new(wire::OP_READ, 0, id, len);
+                                let parts = [
+                                    (rh.as_bytes().as_ptr() as usize, rh.as_bytes().len()),
+                                    (p, len as usize),
+                                ];
+                                // SAFETY: header on this frame; the bounce holds
+                                // `len` staged bytes and is not touched until sent.
+                                unsafe { write_all_raw(s, &parts) }
+                                    .await
+                                    .map_err(|e| format!("read reply: {e}"))?;
+                            }
+                            Err(e) => {
+                                tracing::warn!(region, "GPU read: {e}");
+                                respond(s, wire::OP_READ, ErrorKind::Io.code(), id, 0).await?;
+                            }
+                        }
+                    }
                     Ok(r) => {
                         let rh = RespHeader::new(wire::OP_READ, 0, id, len);
                         let payload = r.ptr() as usize + offset as usize;
@@ -354,6 +420,7 @@ impl Lane {
         };
         let mut next_id = 1u64;
         let mut failed: Option<ErrorKind> = None;
+        let mut bounce = Bounce::default();
         let pipe = if shared.cfg.tcp_splice {
             SplicePipe::new().ok()
         } else {
@@ -365,7 +432,15 @@ impl Lane {
                 continue;
             }
             if let Err(k) = self
-                .send_job(&stream, &flight, &permits, job, &mut next_id, pipe.as_ref())
+                .send_job(
+                    &stream,
+                    &flight,
+                    &permits,
+                    job,
+                    &mut next_id,
+                    pipe.as_ref(),
+                    &mut bounce,
+                )
                 .await
             {
                 failed = Some(k);
@@ -376,6 +451,7 @@ impl Lane {
         let _ = reader.await;
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn send_job(
         &self,
         s: &TcpStream,
@@ -384,6 +460,7 @@ impl Lane {
         job: LaneJob,
         next_id: &mut u64,
         pipe: Option<&SplicePipe>,
+        bounce: &mut Bounce,
     ) -> Result<(), ErrorKind> {
         match job {
             LaneJob::Slices { batch, slices } => {
@@ -416,6 +493,24 @@ impl Lane {
                         return Err(ErrorKind::ConnectionLost);
                     }
                     let sl = batch.slices[i];
+                    // Device bytes are staged before the slice is in flight.
+                    let mut payload = batch.local_ptr(i) as usize;
+                    let staged = kind == OpKind::Write && batch.local_device(i).is_some();
+                    if staged {
+                        let dev = batch.local_device(i).expect("checked above");
+                        // SAFETY: the local range was checked at submit and
+                        // the batch holds the region in use; BUSY means no one
+                        // else touches these bytes for this batch.
+                        match unsafe { bounce.fill_from_device(dev, payload as u64, sl.len) } {
+                            Ok(p) => payload = p as usize,
+                            Err(e) => {
+                                tracing::warn!("staging GPU bytes: {e}");
+                                batch.fail(i, ErrorKind::Io);
+                                permits.add_permits(1);
+                                continue;
+                            }
+                        }
+                    }
                     let answered = match kind {
                         OpKind::Read => true,
                         OpKind::Write => {
@@ -450,9 +545,10 @@ impl Lane {
                             if answered {
                                 h.flags = wire::FLAG_ACK;
                             }
-                            let payload = batch.local_ptr(i) as usize;
                             match pipe {
-                                Some(p) if sl.len as usize >= SPLICE_MIN => {
+                                // Spliced pages are read by the kernel after the
+                                // call returns: never the reused bounce buffer.
+                                Some(p) if !staged && sl.len as usize >= SPLICE_MIN => {
                                     // SAFETY: bounds-checked at submit; the batch holds
                                     // the region in use until the peer acknowledged
                                     // this write, i.e. read the referenced pages.
@@ -572,6 +668,7 @@ fn fail_inflight(x: InFlight, k: ErrorKind) {
 /// Reads responses until the connection fails; returns the error kind that
 /// in-flight work fails with.
 async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semaphore) -> ErrorKind {
+    let mut bounce = Bounce::default();
     let mut hb = [0u8; std::mem::size_of::<RespHeader>()];
     loop {
         if read_exact(s, &mut hb).await.is_err() {
@@ -667,18 +764,49 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
                             return ErrorKind::Protocol;
                         }
                         if batch.advance(i, SENT, BUSY) {
-                            // SAFETY: the local range was bounds-checked at submit and
-                            // the batch holds the region in use; BUSY means no one else
-                            // touches these bytes and the batch cannot complete.
-                            let r = unsafe {
-                                read_exact_raw(s, batch.local_ptr(i) as usize, sl.len as usize)
-                            }
-                            .await;
+                            let dev = batch.local_device(i).cloned();
+                            let into = match &dev {
+                                None => Ok(batch.local_ptr(i) as usize),
+                                Some(d) => bounce.receive_area(d, sl.len).map(|p| p as usize),
+                            };
+                            let into = match into {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    tracing::warn!("staging area for GPU read: {e}");
+                                    batch.fail(i, ErrorKind::Io);
+                                    if discard(s, sl.len).await.is_err() {
+                                        return ErrorKind::ConnectionLost;
+                                    }
+                                    permits.add_permits(1);
+                                    continue;
+                                }
+                            };
+                            // SAFETY: either the local range (bounds-checked at submit,
+                            // held in use by the batch; BUSY means no one else touches
+                            // it and the batch cannot complete) or our bounce buffer
+                            // of at least `len` bytes.
+                            let r = unsafe { read_exact_raw(s, into, sl.len as usize) }.await;
                             if r.is_err() {
                                 batch.fail(i, ErrorKind::ConnectionLost);
                                 return ErrorKind::ConnectionLost;
                             }
-                            batch.complete(i, BUSY);
+                            let landed = match &dev {
+                                None => Ok(()),
+                                // SAFETY: the local device range was checked at
+                                // submit and is held in use (BUSY).
+                                Some(d) => unsafe {
+                                    bounce.drain_to_device(d, batch.local_ptr(i) as u64, sl.len)
+                                },
+                            };
+                            match landed {
+                                Ok(()) => {
+                                    batch.complete(i, BUSY);
+                                }
+                                Err(e) => {
+                                    tracing::warn!("GPU read landing: {e}");
+                                    batch.fail(i, ErrorKind::Io);
+                                }
+                            }
                         } else if discard(s, sl.len).await.is_err() {
                             return ErrorKind::ConnectionLost;
                         }

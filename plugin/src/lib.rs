@@ -17,6 +17,7 @@
 pub mod cache;
 mod error;
 pub mod ffi;
+mod gpu_staging;
 pub mod keys;
 pub mod layout;
 pub mod node;

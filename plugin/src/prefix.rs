@@ -53,6 +53,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
+use crate::gpu_staging::{cache_device, Direction, GpuStaging};
 use crate::keys::BlockKey;
 use crate::layout::{CopySegment, Packed, Place};
 
@@ -248,6 +249,8 @@ struct Inner {
     /// Whether a block's packed bytes are one run of the cache (and host
     /// memory): objects go to and from the cache without staging.
     direct: bool,
+    /// Device-side staging when the cache is GPU memory.
+    gpu: Option<GpuStaging>,
     block_bytes: u64,
     counters: Counters,
     ops: Mutex<Vec<StoreOp>>,
@@ -678,6 +681,36 @@ impl PrefixStore {
     /// `store`'s engine. Must be called inside a tokio runtime (the one
     /// running the store); its operations run there.
     pub fn new(store: Store, cache: Arc<KvCache>, cfg: PrefixStoreConfig) -> Result<PrefixStore> {
+        // SAFETY: no stream is given.
+        unsafe { Self::build(store, cache, cfg, None) }
+    }
+
+    /// [`PrefixStore::new`] for a GPU KV cache written by kernels on
+    /// `compute_stream` (a `CUstream`, 0 for the legacy default stream): a
+    /// save of a layer is ordered after the work enqueued there when the
+    /// layer is signalled, so the caller need not synchronize.
+    ///
+    /// # Safety
+    /// `compute_stream` must be a live stream of the cache's GPU (primary
+    /// context) that outlives the returned store.
+    pub unsafe fn with_compute_stream(
+        store: Store,
+        cache: Arc<KvCache>,
+        cfg: PrefixStoreConfig,
+        compute_stream: u64,
+    ) -> Result<PrefixStore> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { Self::build(store, cache, cfg, Some(compute_stream)) }
+    }
+
+    /// # Safety
+    /// As [`PrefixStore::with_compute_stream`] when a stream is given.
+    unsafe fn build(
+        store: Store,
+        cache: Arc<KvCache>,
+        cfg: PrefixStoreConfig,
+        compute_stream: Option<u64>,
+    ) -> Result<PrefixStore> {
         let rt = Handle::try_current().map_err(|_| {
             Error::Invalid("PrefixStore::new must be called inside a tokio runtime".into())
         })?;
@@ -708,6 +741,16 @@ impl PrefixStore {
         });
         let all = 0..shape.num_layers;
         let one = Packed::contiguous(&shape, 0, 0, 1, all.clone());
+        let gpu = match cache_device(cache.regions())? {
+            // SAFETY: forwarded from the caller's contract.
+            Some(dev) => Some(unsafe { GpuStaging::new(dev, &staging.region, compute_stream) }?),
+            None if compute_stream.is_some() => {
+                return Err(Error::Invalid(
+                    "a compute stream was given for a KV cache in host memory".into(),
+                ))
+            }
+            None => None,
+        };
         let direct = cache.regions().iter().all(|r| r.kind().is_host())
             && layout
                 .plan_save(&[0], all, &one)
@@ -720,6 +763,7 @@ impl PrefixStore {
                 cfg,
                 staging,
                 direct,
+                gpu,
                 block_bytes,
                 counters: Counters::default(),
                 ops: Mutex::new(Vec::new()),
@@ -1016,6 +1060,22 @@ impl Inner {
         self.cache.regions().iter().collect()
     }
 
+    /// Runs a save (cache to staging) or load (staging to cache) plan: on
+    /// the GPU for a GPU cache, with memcpy otherwise.
+    async fn copy_plan(
+        &self,
+        dir: Direction,
+        plan: &[CopySegment],
+        cache: &[&Region],
+        staging: &[&Region],
+    ) -> Result<()> {
+        match (&self.gpu, dir) {
+            (Some(g), _) => g.copy(dir, plan, cache).await,
+            (None, Direction::Save) => Inner::copy(plan, cache, staging).map_err(Error::Invalid),
+            (None, Direction::Load) => Inner::copy(plan, staging, cache).map_err(Error::Invalid),
+        }
+    }
+
     /// Copies plan segments between host regions.
     fn copy(segs: &[CopySegment], src: &[&Region], dst: &[&Region]) -> Result<(), String> {
         for s in segs {
@@ -1131,7 +1191,15 @@ impl Inner {
                     .layout()
                     .plan_save(&blocks, done..upto, &packed)
                     .map_err(|e| e.to_string())
-                    .and_then(|plan| Inner::copy(&plan, &cache_regions, &staging));
+                    .map_err(Error::Invalid);
+                let copied = match copied {
+                    Ok(plan) => {
+                        self.copy_plan(Direction::Save, &plan, &cache_regions, &staging)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| e.to_string());
                 if let Err(m) = copied {
                     for &i in chunk {
                         op.set(i, Err((BlockErrorKind::Unsupported, m.clone())), 0);
@@ -1255,7 +1323,15 @@ impl Inner {
                         .layout()
                         .plan_load(&blocks, r.clone(), &packed)
                         .map_err(|e| e.to_string())
-                        .and_then(|plan| Inner::copy(&plan, &staging, &cache_regions));
+                        .map_err(Error::Invalid);
+                    let copied = match copied {
+                        Ok(plan) => {
+                            self.copy_plan(Direction::Load, &plan, &cache_regions, &staging)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    }
+                    .map_err(|e| e.to_string());
                     if let Err(m) = copied {
                         for &j in &ok_j {
                             op.set(chunk[j], Err((BlockErrorKind::Unsupported, m.clone())), 0);

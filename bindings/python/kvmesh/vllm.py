@@ -199,6 +199,8 @@ class KvMeshConnector(KVConnectorBase_V1):
             self._failed_receives: set = set()
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvmesh-push")
             self._remotes: dict = {}
+            self._gpu = False
+            self._signals: Optional[ThreadPoolExecutor] = None
 
     # ------------------------------------------------------------------
     # Shared helpers.
@@ -379,8 +381,8 @@ class KvMeshConnector(KVConnectorBase_V1):
     # Worker side.
 
     def register_kv_caches(self, kv_caches: dict):
-        """Registers vLLM's per-layer KV tensors (host memory) as one kvmesh
-        KV cache, one base region per layer."""
+        """Registers vLLM's per-layer KV tensors (host memory, or one GPU) as
+        one kvmesh KV cache, one base region per layer."""
         try:
             from vllm.model_executor.models.utils import extract_layer_index
         except ImportError:  # pragma: no cover - older layouts of vLLM
@@ -391,10 +393,13 @@ class KvMeshConnector(KVConnectorBase_V1):
         self._layer_index = {n: i for i, n in enumerate(names)}
         self._num_layers = len(names)
         tensors = [kv_caches[n] for n in names]
-        for t in tensors:
-            if t.device.type != "cpu":
-                raise core.Unsupported(
-                    f"KV cache on {t.device}: this kvmesh build registers host memory only")
+        devices = {(t.device.type, t.device.index) for t in tensors}
+        if len(devices) != 1:
+            raise ValueError(f"KV tensors on several devices: {sorted(map(str, devices))}")
+        kind, index = devices.pop()
+        if kind not in ("cpu", "cuda"):
+            raise core.Unsupported(f"KV cache on {kind}: kvmesh takes host or CUDA memory")
+        self._gpu = kind == "cuda"
         spec = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec
         latent = type(spec).__name__.startswith("MLA")
         ls = kv_layout_spec(tensors, self._kv_cache_config.num_blocks, spec.block_size,
@@ -407,7 +412,14 @@ class KvMeshConnector(KVConnectorBase_V1):
         self._ns = core.Namespace(self._model_id, self._tp_rank, self._weight_version)
         ctx = self._store(int(self._extra.get("mem_bytes", 0)))
         self._cache = ctx.register_kv_cache(self._layout, [t.data_ptr() for t in tensors],
-                                            [span_bytes(t) for t in tensors])
+                                            [span_bytes(t) for t in tensors],
+                                            memory="gpu" if self._gpu else "host",
+                                            device=index or 0)
+        if self._gpu:
+            # Layer signals of GPU saves wait here for the compute stream's
+            # KV writes, in order, without stalling the model.
+            self._signals = ThreadPoolExecutor(max_workers=1,
+                                               thread_name_prefix="kvmesh-signal")
         self._kv_tensors = tensors  # keep them alive while registered
 
     @staticmethod
@@ -469,8 +481,27 @@ class KvMeshConnector(KVConnectorBase_V1):
         layer = self._layer_index.get(layer_name)
         if layer is None:
             return
-        for op in self._saves_this_step:
-            op.save_layer(layer)
+        self._signal_layer(list(self._saves_this_step), layer)
+
+    def _signal_layer(self, ops: list, layer: int) -> None:
+        """Tells `ops` that `layer` is written: at once for host caches; for
+        GPU caches once the work enqueued so far on the current CUDA stream
+        (the layer's KV writes) has finished."""
+        if not ops:
+            return
+        if not self._gpu:
+            for op in ops:
+                op.save_layer(layer)
+            return
+        import torch
+        written = torch.cuda.Event()
+        written.record()
+
+        def signal():
+            written.synchronize()
+            for op in ops:
+                op.save_layer(layer)
+        self._signals.submit(signal)
 
     def _start_saves(self, meta: KvMeshConnectorMetadata) -> None:
         for span in meta.saves:
@@ -491,10 +522,9 @@ class KvMeshConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if isinstance(meta, KvMeshConnectorMetadata) and meta.saves and not self._saves_this_step:
             self._start_saves(meta)
-        for op in self._saves_this_step:
-            for layer in range(self._num_layers):
-                op.save_layer(layer)
-        self._saves_this_step = []
+        ops, self._saves_this_step = self._saves_this_step, []
+        for layer in range(self._num_layers):
+            self._signal_layer(ops, layer)
 
     def get_finished(self, finished_req_ids: set) -> tuple:
         r = self.get_transfer_results(finished_req_ids)
@@ -604,6 +634,8 @@ class KvMeshConnector(KVConnectorBase_V1):
     def shutdown(self):
         if self._role == KVConnectorRole.WORKER:
             self._pool.shutdown(wait=True)
+            if self._signals is not None:
+                self._signals.shutdown(wait=True)
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None

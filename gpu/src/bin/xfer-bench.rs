@@ -395,6 +395,7 @@ fn run_calls(a: &Args, engine: &Engine, peer: kvmesh_gpu::PeerId) -> Result<()> 
         len: 0,
         kind: MemoryKind::Host,
         shareable: true,
+        gpu: None,
     };
     let a1 = Args {
         batch_size: 1,
