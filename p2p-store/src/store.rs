@@ -225,6 +225,9 @@ struct Link {
 enum Maint {
     Holder(HolderEvent),
     Provide(ObjectKey),
+    /// Publish provider records for every local copy placement no longer
+    /// finds (a peer joined and outranks this holder for them).
+    ProvideDisplaced,
     Repair(Vec<PeerId>),
 }
 
@@ -251,6 +254,14 @@ enum Dest<'a> {
 
 /// Most holders a get asks for one key before it gives up.
 const MAX_GET_ATTEMPTS: usize = 4;
+
+/// HRW ranks a get asks before it turns to the DHT (the lookup order's
+/// last-seen holder comes first, so two leave room for it among three).
+const PLACEMENT_LOOKUP_RANKS: usize = 2;
+
+/// Least time between two passes that publish provider records for copies
+/// placement stopped finding.
+const PROVIDE_PASS_EVERY: Duration = Duration::from_secs(2);
 
 /// How long an ended lease may wait for a request to its holder to ride on
 /// before it is sent on its own.
@@ -524,7 +535,9 @@ impl Store {
             self.spawn(crate::metrics::serve(l, self.inner.metrics.clone()));
         }
         for key in restored {
-            let _ = self.inner.maint.send(Maint::Provide(key));
+            if self.displaced(&key) {
+                let _ = self.inner.maint.send(Maint::Provide(key));
+            }
         }
         self.join().await;
         Ok(())
@@ -951,6 +964,18 @@ impl Store {
         self.inner.membership.lock().candidates()
     }
 
+    /// Whether a get would miss this holder's copy of `key` by placement
+    /// alone: it is not among the first [`PLACEMENT_LOOKUP_RANKS`] peers of
+    /// the key's HRW order. Only such copies get a DHT provider record;
+    /// the others are found without one, so a put costs no DHT traffic.
+    fn displaced(&self, key: &ObjectKey) -> bool {
+        let ranked = placement::ranked(key, &self.candidates());
+        !ranked
+            .iter()
+            .take(PLACEMENT_LOOKUP_RANKS)
+            .any(|p| *p == self.inner.me)
+    }
+
     // ---------------------------------------------------------------- holder
 
     fn install_rpc_handler(&self) {
@@ -1043,7 +1068,9 @@ impl Store {
                 drop(h);
                 match r {
                     Ok(_) => {
-                        let _ = self.inner.maint.send(Maint::Provide(key));
+                        if self.displaced(&key) {
+                            let _ = self.inner.maint.send(Maint::Provide(key));
+                        }
                         Response::Done
                     }
                     Err(e) => Response::Error {
@@ -2349,8 +2376,21 @@ async fn ticker(store: Store) {
     let mut ramp = Duration::from_millis(250).min(interval);
     let mut next_announce = Instant::now();
     let mut next_repair = Instant::now() + repair_retry;
+    // Placement changes with membership and with the holders' quantised
+    // free memory; copies it no longer finds get provider records, in one
+    // pass at most every PROVIDE_PASS_EVERY.
+    let mut placed_generation = store.inner.membership.lock().generation();
+    let mut next_provide_pass = Instant::now();
     loop {
         let now = Instant::now();
+        if store.is_holder() && now >= next_provide_pass {
+            let g = store.inner.membership.lock().generation();
+            if g != placed_generation {
+                placed_generation = g;
+                next_provide_pass = now + PROVIDE_PASS_EVERY;
+                let _ = store.inner.maint.send(Maint::ProvideDisplaced);
+            }
+        }
         if store.is_holder() && now >= next_announce {
             let a = store.announce();
             let mut sent = false;
@@ -2441,6 +2481,21 @@ async fn spill(
 async fn maintenance(store: Store, mut rx: mpsc::UnboundedReceiver<Maint>) {
     while let Some(m) = rx.recv().await {
         match m {
+            Maint::ProvideDisplaced => {
+                let keys: Vec<ObjectKey> = match &store.inner.holder {
+                    Some(h) => h.lock().index().iter().map(|m| m.key).collect(),
+                    None => Vec::new(),
+                };
+                for key in keys {
+                    if store.displaced(&key) {
+                        let _ = store
+                            .inner
+                            .net
+                            .start_providing(key.as_bytes().to_vec())
+                            .await;
+                    }
+                }
+            }
             Maint::Provide(key) => {
                 let _ = store
                     .inner

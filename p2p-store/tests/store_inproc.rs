@@ -259,3 +259,70 @@ async fn unjoinable_client_and_bad_settings_fail_clearly() {
     let err = Store::start(bad).await.unwrap_err();
     assert!(err.to_string().contains("announce_interval"), "{err}");
 }
+
+/// Copies on a key's first HRW holders get no DHT record (placement finds
+/// them). When peers join that outrank the holder so far that a get no
+/// longer asks it, the holder publishes provider records, and a new
+/// client's get finds the copies through the DHT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_placement_no_longer_finds_are_found_through_the_dht() {
+    init_tracing();
+    let a = Store::start(config(64 << 20, Vec::new())).await.unwrap();
+    let boot = vec![addr(&a).await];
+    let keys: Vec<_> = (0..64).map(|i| key(&format!("displaced-{i}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.put(*k, &payload(i as u64, 4096), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(Store::start(config(64 << 20, boot.clone())).await.unwrap());
+    }
+    let client = Store::start(config(0, boot)).await.unwrap();
+    client
+        .wait_for_members(4, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let members: Vec<Candidate> = client
+        .peers()
+        .iter()
+        .map(|p| {
+            let id: libp2p::PeerId = p.peer_id.parse().unwrap();
+            Candidate::new(
+                PeerId::from_bytes(&id.to_bytes()).unwrap(),
+                quantize_weight(p.free, 3),
+            )
+        })
+        .collect();
+    // Keys whose only copy is on `a`, ranked last of four: a get asks three
+    // peers by placement, so only a provider record leads to `a`.
+    let last: Vec<(usize, _)> = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| placement::ranked(k, &members)[3] == *a.peer_id())
+        .map(|(i, k)| (i, *k))
+        .collect();
+    assert!(!last.is_empty(), "no key ranks the first holder last");
+    let t0 = Instant::now();
+    for (i, k) in last {
+        loop {
+            match client.get(k).await.unwrap() {
+                Some(v) => {
+                    assert_eq!(v, payload(i as u64, 4096));
+                    break;
+                }
+                None => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(15),
+                        "{k} not found through the DHT"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    for s in others.iter().chain([&client, &a]) {
+        s.shutdown().await;
+    }
+}
