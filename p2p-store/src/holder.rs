@@ -242,6 +242,11 @@ impl Holder {
         &self.index
     }
 
+    /// See [`Index::set_observer`].
+    pub fn set_location_observer(&mut self, observer: Box<dyn crate::index::LocationObserver>) {
+        self.index.set_observer(observer);
+    }
+
     /// Outstanding reservations.
     pub fn reservations(&self) -> impl Iterator<Item = &Reservation> + '_ {
         self.reservations.values()

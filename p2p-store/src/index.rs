@@ -41,6 +41,7 @@ use crate::error::{Error, Result};
 use crate::key::{Checksum, ObjectKey};
 use crate::peer::PeerId;
 use crate::pool::{Allocation, Pool, PoolConfig, PoolStats};
+use crate::shm_index::Published;
 
 /// Most replicas of one object (and most holders recorded with it).
 pub const MAX_REPLICAS: usize = 16;
@@ -200,6 +201,19 @@ impl ObjectMeta {
         self.doomed.is_some()
     }
 
+    /// Where a reader may copy the object from: its DRAM copy, unless it is
+    /// doomed (a removal waits only for the leases already granted).
+    pub fn readable(&self) -> Option<Published> {
+        match (self.location, self.doomed) {
+            (Some(l), None) => Some(Published {
+                offset: l.offset,
+                len: self.len,
+                checksum: self.checksum,
+            }),
+            _ => None,
+        }
+    }
+
     /// Pool bytes that eviction can never take (hard-pinned or leased).
     fn protected_held(&self) -> u64 {
         if self.location.is_some() && (self.pin == Pin::Hard || self.leases > 0) {
@@ -276,10 +290,20 @@ pub struct IndexStats {
     pub spilling_bytes: u64,
 }
 
+/// Told where each object's readable DRAM copy is whenever that changes
+/// (`None`: no longer readable there: removed, doomed, demoted, moved).
+/// Called inside the index operation that made the change, so before any
+/// memory it freed can be allocated again. [`crate::shm_index`] mirrors the
+/// locations for same-host clients.
+pub trait LocationObserver: Send + std::fmt::Debug {
+    fn located(&mut self, key: &ObjectKey, at: Option<Published>);
+}
+
 /// The index. See the module docs.
 #[derive(Debug)]
 pub struct Index {
     config: IndexConfig,
+    observer: Option<Box<dyn LocationObserver>>,
     pool: Pool,
     objects: HashMap<ObjectKey, ObjectMeta>,
     /// LRU of evictable DRAM copies with `Pin::None`, tick -> key.
@@ -296,6 +320,17 @@ pub struct Index {
 }
 
 impl Index {
+    /// Reports every later change of where objects are readable to
+    /// `observer` (objects indexed so far are reported now).
+    pub fn set_observer(&mut self, mut observer: Box<dyn LocationObserver>) {
+        for m in self.objects.values() {
+            if let Some(at) = m.readable() {
+                observer.located(&m.key, Some(at));
+            }
+        }
+        self.observer = Some(observer);
+    }
+
     /// An empty index over a fresh pool.
     pub fn new(config: IndexConfig) -> Result<Index> {
         let (lo, hi) = (config.low_watermark, config.high_watermark);
@@ -307,6 +342,7 @@ impl Index {
         let pool = Pool::new(config.pool.clone())?;
         Ok(Index {
             config,
+            observer: None,
             pool,
             objects: HashMap::new(),
             lru_unpinned: BTreeMap::new(),
@@ -569,6 +605,7 @@ impl Index {
         f: impl FnOnce(&mut ObjectMeta, &mut Pool) -> R,
     ) -> Option<R> {
         let meta = self.objects.get_mut(key)?;
+        let readable = meta.readable();
         Self::unlink(&mut self.lru_unpinned, &mut self.lru_soft, meta);
         let (p0, r0, h0, s0) = (
             meta.protected_held(),
@@ -584,6 +621,12 @@ impl Index {
             meta.on_ssd,
         );
         Self::link(&mut self.lru_unpinned, &mut self.lru_soft, meta);
+        let now_readable = meta.readable();
+        if now_readable != readable {
+            if let Some(o) = &mut self.observer {
+                o.located(key, now_readable);
+            }
+        }
         self.protected_bytes = self.protected_bytes - p0 + p1;
         self.resident_bytes = self.resident_bytes - r0 + r1;
         self.hard_bytes = self.hard_bytes - h0 + h1;

@@ -41,6 +41,7 @@ pub mod placement;
 pub mod pool;
 pub mod repair;
 pub mod rpc;
+pub mod shm_index;
 pub mod ssd;
 pub mod store;
 

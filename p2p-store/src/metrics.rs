@@ -54,6 +54,7 @@ pub struct Metrics {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub get_failovers: AtomicU64,
+    pub local_reads: AtomicU64,
     pub checksum_failures: AtomicU64,
     pub evictions: AtomicU64,
     pub spills: AtomicU64,
@@ -137,6 +138,13 @@ impl Metrics {
             "Gets that moved on to another replica.",
             "counter",
             &self.get_failovers,
+        );
+        c(
+            &mut o,
+            "kvmesh_local_reads_total",
+            "Gets served from a same-host holder's location table, with no round trip.",
+            "counter",
+            &self.local_reads,
         );
         c(
             &mut o,

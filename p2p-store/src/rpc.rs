@@ -79,6 +79,8 @@ pub enum Request {
     SetPin { key: ObjectKey, pin: PinWire },
     /// The holder's figures.
     Stat,
+    /// The holder's same-host location table ([`crate::shm_index`]).
+    LocationTable,
 }
 
 /// A holder's figures, answered to [`Request::Stat`].
@@ -122,6 +124,11 @@ pub enum Response {
     Leases(Vec<Result<Grant, ErrorKind>>),
     Flags(Vec<bool>),
     Stat(HolderStat),
+    /// A location table: its region descriptor (empty: none) and buckets.
+    LocationTable {
+        desc: Vec<u8>,
+        buckets: u32,
+    },
     /// The request failed as a whole.
     Error {
         kind: ErrorKind,

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use kvmesh_gpu::{
     BatchOptions, Engine, EngineConfig, EngineId, MemoryKind, Op, Region, RegionDesc, RemoteRegion,
+    TransportKind,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -42,6 +43,7 @@ use crate::placement;
 use crate::pool::PoolConfig;
 use crate::repair::{RepairContext, RepairTask, ReplicaSet};
 use crate::rpc::{self, Grant, NetRequest, NetResponse, PinWire, Request, Response};
+use crate::shm_index::{self, ShmIndexWriter};
 use crate::ssd::{SsdConfig, SsdTier};
 
 /// Gossipsub topic of membership announces.
@@ -220,6 +222,8 @@ struct Link {
     engine_peer: kvmesh_gpu::PeerId,
     pool: RemoteRegion,
     engine_id: EngineId,
+    /// Reached through `shm` (same host, both sides allow it).
+    same_host_shm: bool,
 }
 
 enum Maint {
@@ -305,6 +309,17 @@ struct Inner {
     /// next lease request to that holder carries them, or a flush
     /// [`RELEASE_DELAY`] later does.
     pending_release: Mutex<PendingRelease>,
+    /// This holder's location table and its bucket count (same-host gets).
+    shm_table: Option<(Region, u32)>,
+    /// Location tables of same-host holders (`None`: asked, has none).
+    peer_tables: RwLock<HashMap<PeerId, Option<PeerTable>>>,
+}
+
+/// A same-host holder's location table.
+#[derive(Clone)]
+struct PeerTable {
+    table: RemoteRegion,
+    buckets: u32,
 }
 
 /// Lease ids waiting to be sent to their holders.
@@ -460,6 +475,23 @@ impl Store {
             }
             None => (None, None),
         };
+        // The table same-host clients read locations from (shm_index).
+        let shm_table = match (&holder, &pool) {
+            (Some(h), Some(p)) if cfg.engine.transport != TransportKind::Tcp => {
+                let buckets = shm_index::buckets_for(p.len());
+                let table = engine
+                    .alloc(
+                        u64::from(buckets) * shm_index::BUCKET_BYTES as u64,
+                        MemoryKind::Host,
+                    )
+                    .map_err(|e| Error::InvalidConfig(format!("location table: {e}")))?;
+                let w = ShmIndexWriter::new(table.clone(), buckets)
+                    .ok_or_else(|| Error::InvalidConfig("location table layout".into()))?;
+                h.lock().set_location_observer(Box::new(w));
+                Some((table, buckets))
+            }
+            _ => None,
+        };
         let mut mcfg = MembershipConfig::new(me.clone());
         mcfg.dead_after = cfg.dead_after;
         let membership = Membership::new(mcfg)?;
@@ -486,6 +518,8 @@ impl Store {
             repair_pending: AtomicBool::new(false),
             repair_lost: Mutex::new(Vec::new()),
             pending_release: Mutex::new(PendingRelease::default()),
+            shm_table,
+            peer_tables: RwLock::new(HashMap::new()),
             cfg,
         });
         let store = Store { inner };
@@ -924,10 +958,15 @@ impl Store {
         match RegionDesc::from_bytes(desc) {
             Ok(d) => {
                 let r = self.inner.engine.import(&d);
+                let same_host_shm = self.inner.cfg.engine.transport != TransportKind::Tcp
+                    && d.peer.shm.is_some()
+                    && d.shareable
+                    && d.peer.host_id == kvmesh_gpu::local_host_id();
                 let link = Link {
                     engine_peer: r.peer,
                     pool: r,
                     engine_id: d.peer.engine_id,
+                    same_host_shm,
                 };
                 self.inner.links.write().insert(peer.clone(), link);
             }
@@ -936,6 +975,7 @@ impl Store {
     }
 
     fn unlink(&self, peer: &PeerId) {
+        self.inner.peer_tables.write().remove(peer);
         let link = self.inner.links.write().remove(peer);
         if let Some(l) = link {
             self.inner.engine.remove_peer(l.engine_peer);
@@ -1140,6 +1180,16 @@ impl Store {
                 Err(e) => Response::Error {
                     kind: e.kind(),
                     message: e.to_string(),
+                },
+            },
+            Request::LocationTable => match &self.inner.shm_table {
+                Some((t, buckets)) => Response::LocationTable {
+                    desc: t.desc().to_bytes(),
+                    buckets: *buckets,
+                },
+                None => Response::LocationTable {
+                    desc: Vec::new(),
+                    buckets: 0,
                 },
             },
             Request::Stat => {
@@ -1782,6 +1832,14 @@ impl Store {
         let t0 = Instant::now();
         let m = &self.inner.metrics;
         m.gets.fetch_add(1, Relaxed);
+        if let Some((len, v, holder)) = self.read_published(&key, dest).await {
+            self.inner.loc_cache_insert(key, holder);
+            m.hits.fetch_add(1, Relaxed);
+            m.local_reads.fetch_add(1, Relaxed);
+            m.get_bytes.fetch_add(len, Relaxed);
+            m.get_latency.observe(t0.elapsed());
+            return Ok(Some((len, v)));
+        }
         let mut tried: HashSet<PeerId> = HashSet::new();
         let mut damaged: Option<(PeerId, String)> = None;
         let mut last_err = None;
@@ -1860,6 +1918,121 @@ impl Store {
         }
         m.misses.fetch_add(1, Relaxed);
         Ok(None)
+    }
+
+    /// The same-host fast path of a get: reads `key` from the first two
+    /// holders in lookup order whose location table this client can map,
+    /// with three one-sided `shm` READs and no RPC or lease
+    /// ([`crate::shm_index`] says why that is safe). `None` whenever that
+    /// does not work out; the lease path then runs and decides.
+    async fn read_published(
+        &self,
+        key: &ObjectKey,
+        dest: Dest<'_>,
+    ) -> Option<(u64, Option<Vec<u8>>, PeerId)> {
+        for peer in self.lookup_order(key).into_iter().take(2) {
+            let Some((link, t)) = self.peer_table(&peer).await else {
+                continue;
+            };
+            let scratch = self.staging(shm_index::BUCKET_BYTES as u64 + 8).ok()?;
+            let r = self.read_published_at(key, dest, &link, &t, &scratch).await;
+            self.unstage(scratch);
+            if let Some((len, v)) = r {
+                return Some((len, v, peer));
+            }
+        }
+        None
+    }
+
+    async fn read_published_at(
+        &self,
+        key: &ObjectKey,
+        dest: Dest<'_>,
+        link: &Link,
+        t: &PeerTable,
+        scratch: &Region,
+    ) -> Option<(u64, Option<Vec<u8>>)> {
+        let bb = shm_index::BUCKET_BYTES as u64;
+        let boff = u64::from(shm_index::bucket_of(key, t.buckets)) * bb;
+        self.transfer(&[Op::read(scratch.id(), 0, t.table, boff, bb)])
+            .await
+            .ok()?;
+        let mut bucket = [0u8; shm_index::BUCKET_BYTES];
+        scratch.read_at(0, &mut bucket).ok()?;
+        let found = shm_index::find(&bucket, boff, key)?;
+        let len = found.at.len;
+        let (region, off, staged) = match dest {
+            Dest::Region(r, off, room) if len <= room => (r.clone(), off, None),
+            Dest::Region(..) => return None,
+            Dest::Vec => {
+                let s = self.staging(len).ok()?;
+                (s.clone(), 0, Some(s))
+            }
+        };
+        let ok = async {
+            self.transfer(&[Op::read(region.id(), off, link.pool, found.at.offset, len)])
+                .await
+                .ok()?;
+            self.transfer(&[Op::read(scratch.id(), bb, t.table, found.slot_offset, 8)])
+                .await
+                .ok()?;
+            let mut seq = [0u8; 8];
+            scratch.read_at(bb, &mut seq).ok()?;
+            if shm_index::seq_at(&seq)? != found.seq {
+                return None;
+            }
+            // SAFETY: the batch that filled the range completed; the caller
+            // does not write it during the call (get contract), and staging
+            // is ours.
+            let bytes = unsafe { region.slice(off, len) }.ok()?;
+            if !found.at.checksum.matches(bytes) {
+                return None;
+            }
+            Some(if staged.is_some() {
+                Some(bytes.to_vec())
+            } else {
+                None
+            })
+        }
+        .await;
+        if let Some(s) = staged {
+            self.unstage(s);
+        }
+        ok.map(|v| (len, v))
+    }
+
+    /// The location table of a same-host holder, asked for once per link.
+    async fn peer_table(&self, peer: &PeerId) -> Option<(Link, PeerTable)> {
+        let link = self.link_of(peer).ok()?;
+        if !link.same_host_shm {
+            return None;
+        }
+        if let Some(t) = self.inner.peer_tables.read().get(peer) {
+            return t.clone().map(|t| (link, t));
+        }
+        let t = match self.call(&link, &Request::LocationTable).await {
+            Ok(Response::LocationTable { desc, buckets }) if !desc.is_empty() && buckets > 0 => {
+                RegionDesc::from_bytes(&desc)
+                    .ok()
+                    .filter(|d| {
+                        d.peer.engine_id == link.engine_id
+                            && d.len >= u64::from(buckets) * shm_index::BUCKET_BYTES as u64
+                    })
+                    .map(|d| PeerTable {
+                        table: self.inner.engine.import(&d),
+                        buckets,
+                    })
+            }
+            // A holder without a table (tcp only), or one that does not
+            // know the request: the lease path it is.
+            Ok(_) | Err(Error::Remote { .. }) => None,
+            Err(_) => return None,
+        };
+        self.inner
+            .peer_tables
+            .write()
+            .insert(peer.clone(), t.clone());
+        t.map(|t| (link, t))
     }
 
     /// Leases `key` on the first holder that grants it, skipping `skip`: up

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::{init_tracing, key, payload};
@@ -323,6 +324,61 @@ async fn copies_placement_no_longer_finds_are_found_through_the_dht() {
         }
     }
     for s in others.iter().chain([&client, &a]) {
+        s.shutdown().await;
+    }
+}
+
+/// Same-host gets read the holder's location table (no round trip, bytes
+/// checked); removed and evicted objects are never served from it, and
+/// every get returns the bytes that were put or nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_host_gets_use_the_location_table_and_never_serve_stale_bytes() {
+    init_tracing();
+    // 4 MiB of pool: about 60 objects of 64 KiB before eviction.
+    let holder = Store::start(config(4 << 20, Vec::new())).await.unwrap();
+    let client = Store::start(config(0, vec![addr(&holder).await]))
+        .await
+        .unwrap();
+    client
+        .wait_for_members(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let local = || client.metrics().local_reads.load(Relaxed);
+    let k = |i: u64| key(&format!("table-{i}"));
+    for i in 0..8 {
+        client
+            .put(k(i), &payload(i, 64 << 10), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    for i in 0..8 {
+        assert_eq!(client.get(k(i)).await.unwrap(), Some(payload(i, 64 << 10)));
+    }
+    assert_eq!(local(), 8, "same-host gets did not use the location table");
+    // A removed object is gone from the table at once.
+    assert_eq!(client.remove(k(0)).await.unwrap(), 1);
+    assert_eq!(client.get(k(0)).await.unwrap(), None);
+    // Churn: later puts evict earlier objects and reuse their memory.
+    for i in 8..200 {
+        client
+            .put(k(i), &payload(i, 64 << 10), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let before = local();
+    let mut found = 0;
+    for i in 1..200 {
+        if let Some(v) = client.get(k(i)).await.unwrap() {
+            assert_eq!(v, payload(i, 64 << 10), "object {i}");
+            found += 1;
+        }
+    }
+    assert!(found >= 40, "only {found} objects left");
+    assert!(
+        local() - before >= found,
+        "resident objects were not read locally"
+    );
+    for s in [&client, &holder] {
         s.shutdown().await;
     }
 }
