@@ -2,13 +2,14 @@
 # GPU checks of kvmesh-gpu, in two halves.
 #
 #   scripts/gpu-check.sh            on the build machine (no GPU needed):
-#       builds the release test binaries of kvmesh-gpu, the plugin's unit
-#       tests and its GPU tests (plugin/tests/gpu_prefix.rs) and gpu-bench, strips
-#       them into gpu-carry/ (gitignored, < 64 MiB) and prints the command
-#       to run on the GPU machine.
+#       builds the release test binaries of kvmesh-gpu (gpu_nccl.rs included),
+#       the plugin's unit tests and its GPU tests (plugin/tests/gpu_prefix.rs),
+#       gpu-bench and moe-bench, strips them into gpu-carry/ (gitignored,
+#       < 64 MiB) and prints the command to run on the GPU machine.
 #   scripts/gpu-check.sh --remote   on the GPU machine, from the repo root
-#       (no Rust toolchain needed): puts libnvrtc on LD_LIBRARY_PATH, runs
-#       nvidia-smi, every test binary with --include-ignored, and gpu-bench;
+#       (no Rust toolchain needed): puts libnvrtc and libnccl on
+#       LD_LIBRARY_PATH, runs nvidia-smi, every test binary with
+#       --include-ignored, gpu-bench, and moe-bench's NCCL baseline;
 #       logs go to $OUT (default gpu-out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,13 +41,15 @@ for line in sys.stdin:
         print(m["executable"])
 ')
     cargo build --release -p kvmesh-gpu --bin gpu-bench --bin xfer-bench
+    cargo build --release -p kvmesh-ep --bin moe-bench
     for e in $exes; do
         # Binaries are named <target>-<hash>: unique, and the target name
         # stays readable.
         cp "$e" "$CARRY/tests/$(basename "$e")"
     done
-    cp "$CARGO_TARGET_DIR/release/gpu-bench" "$CARGO_TARGET_DIR/release/xfer-bench" "$CARRY/"
-    strip "$CARRY"/tests/* "$CARRY"/gpu-bench "$CARRY"/xfer-bench
+    cp "$CARGO_TARGET_DIR/release/gpu-bench" "$CARGO_TARGET_DIR/release/xfer-bench" \
+        "$CARGO_TARGET_DIR/release/moe-bench" "$CARRY/"
+    strip "$CARRY"/tests/* "$CARRY"/gpu-bench "$CARRY"/xfer-bench "$CARRY"/moe-bench
     cp scripts/gpu-check.sh "$CARRY/"
     # two_process tests start xfer-bench by the absolute path baked in at
     # build time; the remote half recreates it.
@@ -86,6 +89,31 @@ if [[ -n "$libdir" ]]; then
     for b in "$libdir"/libnvrtc-builtins.so*; do [[ -e "$b" ]] && ln -sf "$b" "$links/"; done
     export LD_LIBRARY_PATH="$links:$libdir:${LD_LIBRARY_PATH:-}"
 fi
+# cudarc opens NCCL only as libnccl.so (or .so.1/.so.9-.so.12), never as
+# the libnccl.so.2 that NCCL installs: give it an unversioned name. Looked
+# for on LD_LIBRARY_PATH, in the usual system and CUDA directories, in
+# ldconfig's cache and in a pip nvidia-nccl-cu* package.
+nccl_so=""
+llp=${LD_LIBRARY_PATH:-}
+nccl_dirs=$(printf '%s\n' ${llp//:/ } /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64 \
+    /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nccl/lib /usr/lib64 /usr/local/lib)
+nccl_dirs+=$'\n'$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF}' | xargs -r -n1 dirname)
+nccl_dirs+=$'\n'$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+for d in $nccl_dirs; do
+    if [[ -e "$d/libnccl.so.2" ]]; then nccl_so="$d/libnccl.so.2"; break; fi
+done
+if [[ -n "$nccl_so" ]]; then
+    links="$OUT/.nccl-links"
+    mkdir -p "$links"
+    ln -sf "$nccl_so" "$links/libnccl.so"
+    export LD_LIBRARY_PATH="$links:$(dirname "$nccl_so"):${LD_LIBRARY_PATH:-}"
+    echo "NCCL: $nccl_so (linked as $links/libnccl.so)" | tee -a "$OUT/summary.log"
+else
+    # The gpu_nccl tests then report the missing library and pass.
+    export KVMESH_NCCL_OPTIONAL=1
+    echo "NCCL: libnccl.so.2 not found on this machine; NCCL tests and baseline skipped" |
+        tee -a "$OUT/summary.log"
+fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" | tee "$OUT/env.log"
 if [[ -f "$CARRY/xfer-bench.path" ]]; then
     want=$(cat "$CARRY/xfer-bench.path")
@@ -109,6 +137,21 @@ for t in "$CARRY"/tests/*; do
 done
 if ! "$CARRY/gpu-bench" --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log"; then
     status=1
+fi
+# moe-bench with the NCCL baseline: one rank per GPU (at most 8; NCCL
+# refuses two ranks on one GPU), kvmesh rows beside it on shared memory.
+if [[ -n "$nccl_so" ]]; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    ranks=$(( gpus < 1 ? 1 : (gpus > 8 ? 8 : gpus) ))
+    echo "=== moe-bench --baseline nccl --ranks $ranks" | tee -a "$OUT/summary.log"
+    if "$CARRY/moe-bench" --ranks "$ranks" --config tiny,v2lite --baseline nccl --iters 50 \
+        --csv "$OUT/moe-bench-nccl.csv" >"$OUT/moe-bench-nccl.log" 2>&1; then
+        tee -a "$OUT/summary.log" <"$OUT/moe-bench-nccl.log"
+    else
+        status=1
+        echo "FAILED (see moe-bench-nccl.log)" | tee -a "$OUT/summary.log"
+        tail -20 "$OUT/moe-bench-nccl.log" | tee -a "$OUT/summary.log"
+    fi
 fi
 echo "exit status $status" | tee -a "$OUT/summary.log"
 exit $status

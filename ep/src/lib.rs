@@ -43,6 +43,7 @@
 //! addresses ([`rendezvous`]). Forming a group through the p2p-store swarm is
 //! not available yet.
 
+pub mod alltoallv;
 mod ctl;
 pub mod dtype;
 mod error;

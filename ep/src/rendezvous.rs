@@ -4,10 +4,14 @@
 //! descriptor in rank order.
 //!
 //! ```text
-//! rank -> server  KEP-HELLO 1 <rank> <world> <fingerprint> <desc-hex>
-//! server -> rank  KEP-GROUP <world>, then <world> lines <desc-hex>   (all joined)
+//! rank -> server  KEP-HELLO 1 <rank> <world> <fingerprint> <payload>
+//! server -> rank  KEP-GROUP <world>, then <world> lines <payload>    (all joined)
 //!                 KEP-ERROR <reason>                                 (mismatch)
 //! ```
+//!
+//! The payload is the rank's receive descriptor in hex ([`join`]), or any
+//! token of a group that needs no engine ([`join_payload`]); the server does
+//! not interpret it.
 //!
 //! Plain std TCP, one line per message, lines bounded in size, every read and
 //! the whole formation bounded in time. The connection stays open afterwards
@@ -244,8 +248,50 @@ pub fn join(
     desc: &RegionDesc,
     timeout: Duration,
 ) -> Result<Joined> {
+    let hex = desc.to_hex();
+    let j = join_payload(addr, rank, world, fingerprint, &hex, timeout)?;
+    let descs = j
+        .payloads
+        .iter()
+        .map(|line| RegionDesc::from_hex(line).map_err(|e| err(format!("descriptor: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Joined {
+        descs,
+        conn: j.conn,
+    })
+}
+
+/// The joining side's result of [`join_payload`].
+#[derive(Debug)]
+pub struct JoinedPayloads {
+    /// Every rank's payload, in rank order.
+    pub payloads: Vec<String>,
+    /// The connection to the server, for the caller's own messages.
+    pub conn: LineConn,
+}
+
+/// Like [`join`] with an opaque payload in place of the receive descriptor
+/// (non-empty printable ASCII without spaces, at most [`MAX_LINE`] bytes):
+/// groups that need no engine exchange their own tokens this way (moe-bench's
+/// NCCL baseline shares rank 0's NCCL unique id).
+pub fn join_payload(
+    addr: impl ToSocketAddrs,
+    rank: usize,
+    world: usize,
+    fingerprint: &str,
+    payload: &str,
+    timeout: Duration,
+) -> Result<JoinedPayloads> {
     if fingerprint.contains(' ') || fingerprint.contains('\n') {
         return Err(err("fingerprint must not contain spaces"));
+    }
+    if payload.is_empty()
+        || payload.len() > MAX_LINE / 2
+        || !payload.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(err(
+            "payload must be non-empty printable ASCII without spaces",
+        ));
     }
     let deadline = Instant::now() + timeout;
     let addrs: Vec<SocketAddr> = addr
@@ -271,8 +317,7 @@ pub fn join(
     };
     let mut conn = LineConn::new(stream);
     conn.send(&format!(
-        "KEP-HELLO {PROTO} {rank} {world} {fingerprint} {}",
-        desc.to_hex()
+        "KEP-HELLO {PROTO} {rank} {world} {fingerprint} {payload}"
     ))?;
     let left = deadline.saturating_duration_since(Instant::now());
     let head = conn.recv(left)?;
@@ -282,16 +327,13 @@ pub fn join(
     if head != format!("KEP-GROUP {world}") {
         return Err(err(format!("unexpected answer {head:?}")));
     }
-    let mut descs = Vec::with_capacity(world);
+    let mut payloads = Vec::with_capacity(world);
     for _ in 0..world {
         let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-        let line = conn.recv(left)?;
-        descs.push(RegionDesc::from_hex(&line).map_err(|e| err(format!("descriptor: {e}")))?);
+        payloads.push(conn.recv(left)?);
     }
-    if descs.get(rank) != Some(desc) {
-        return Err(err(
-            "the server returned a different descriptor for this rank",
-        ));
+    if payloads.get(rank).map(String::as_str) != Some(payload) {
+        return Err(err("the server returned a different payload for this rank"));
     }
-    Ok(Joined { descs, conn })
+    Ok(JoinedPayloads { payloads, conn })
 }

@@ -72,3 +72,116 @@ fn tiny_over_shm_and_tcp_with_naive_baseline() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--baseline nccl` where CUDA or NCCL is missing (this build machine)
+/// stops before any case runs, with the reason. Where both are present the
+/// GPU checks (scripts/gpu-check.sh) run the real baseline instead.
+#[test]
+fn nccl_baseline_without_a_gpu_fails_fast_and_says_why() {
+    if kvmesh_gpu::cuda::nccl::available().is_ok() {
+        return;
+    }
+    let t = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_moe-bench"))
+        .args([
+            "--ranks",
+            "2",
+            "--config",
+            "tiny",
+            "--baseline",
+            "nccl",
+            "--iters",
+            "2",
+            "--json",
+        ])
+        .output()
+        .expect("run moe-bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail: {err}");
+    assert!(out.stdout.is_empty(), "no case may run first");
+    assert!(
+        err.contains("--baseline nccl needs a GPU and NCCL"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no CUDA driver found (libcuda.so)")
+            || err.contains("NCCL not found (libnccl.so.2)")
+            || err.contains("built without the cuda feature"),
+        "{err}"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{t:?}");
+}
+
+/// Ranks started by hand skip the launcher's check: each NCCL rank that
+/// cannot set up says so in its rendezvous payload, so no rank waits in
+/// NCCL init for it, and the launcher reports the first rank's reason
+/// (after the kvmesh case ran normally).
+#[test]
+fn nccl_ranks_without_a_gpu_report_through_the_rendezvous() {
+    if kvmesh_gpu::cuda::nccl::available().is_ok() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let common = [
+        "--ranks",
+        "2",
+        "--config",
+        "tiny",
+        "--baseline",
+        "nccl",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let t = std::time::Instant::now();
+    let launcher = Command::new(env!("CARGO_BIN_EXE_moe-bench"))
+        .args(common)
+        .args(["--listen", &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(env!("CARGO_BIN_EXE_moe-bench"))
+                .args(common)
+                .args(["--join", &addr, "--rank", &r.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "the kvmesh row, then the failure");
+    assert_eq!(rows[0]["implementation"], "kvmesh");
+    assert!(err.contains("nccl tokens 64"), "{err}");
+    assert!(err.contains("rank 0 failed"), "{err}");
+    for r in ranks {
+        let o = r.wait_with_output().unwrap();
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains("no CUDA driver found")
+                || e.contains("NCCL not found")
+                || e.contains("built without the cuda feature")
+                || e.contains("could not set up its GPU or NCCL"),
+            "{e}"
+        );
+    }
+    assert!(t.elapsed() < std::time::Duration::from_secs(60), "{t:?}");
+}

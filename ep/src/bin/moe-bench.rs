@@ -10,6 +10,16 @@
 //! Timing: every iteration starts with a group barrier; dispatch and combine
 //! are timed separately on every rank; per iteration the maximum over ranks
 //! is taken, then p50/p99 over iterations.
+//!
+//! Baselines: `naive` (two-sided all-to-allv over the same engine and
+//! transport) and `nccl`: one rank per GPU (rank r on GPU r mod the visible
+//! GPUs), rank 0's NCCL unique id shared through the same rendezvous, and
+//! per iteration one NCCL all-to-all-v (grouped send/recv, self included)
+//! of the same deduplicated dispatch rows and one of the combine rows back,
+//! between device buffers, timed with CUDA events on the stream (GPU time
+//! of the collective, where kvmesh rows are host wall time of the call), the
+//! received bytes checked against what every sender put there. It needs a
+//! GPU and libnccl; without them it stops before running anything.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,10 +28,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use kvmesh_ep::layout::{plan_sends, ExpertMap};
+use kvmesh_ep::alltoallv::{self, AllToAllPlan, Phase, PlanParams};
 use kvmesh_ep::rendezvous::{self, Server};
 use kvmesh_ep::workload::{self, RankReport, Routing, RunParams};
 use kvmesh_ep::{DType, EpBuffers, EpConfig, EpGroup, Exchange, WireFormat};
+use kvmesh_gpu::cuda::nccl::{self, NcclComm, NcclId, PeerSpan};
+use kvmesh_gpu::cuda::{self, DeviceBuffer, GpuDevice, GpuStream};
 use kvmesh_gpu::{Engine, EngineConfig, TransportKind};
 use serde::{Deserialize, Serialize};
 
@@ -60,8 +72,9 @@ struct Args {
     /// shm, tcp or auto.
     #[arg(long, default_value = "shm")]
     transport: String,
-    /// Also run this baseline (naive = two-sided all-to-allv over the same
-    /// transport) and print it side by side.
+    /// Also run this baseline and print it side by side: naive (two-sided
+    /// all-to-allv over the same transport) or nccl (NCCL all-to-all-v
+    /// between GPUs, one GPU per rank; needs a GPU and libnccl).
     #[arg(long)]
     baseline: Option<String>,
     /// How the experts hand back outputs: per-expert (combine applies the
@@ -143,7 +156,7 @@ struct Case {
     dtype: DType,
     fp8: bool,
     transport: String,
-    /// "kvmesh" or "naive".
+    /// "kvmesh", "naive" or "nccl".
     implementation: String,
     timeout_ms: u64,
     #[serde(default = "default_inline_kib")]
@@ -202,7 +215,8 @@ fn cases(a: &Args) -> Result<Vec<Case>> {
     match a.baseline.as_deref() {
         None => {}
         Some("naive") => impls.push("naive".into()),
-        Some(b) => bail!("unknown baseline {b:?} (naive)"),
+        Some("nccl") => impls.push("nccl".into()),
+        Some(b) => bail!("unknown baseline {b:?} (naive, nccl)"),
     }
     let mut out = Vec::new();
     for name in a.config.split(',') {
@@ -224,7 +238,11 @@ fn cases(a: &Args) -> Result<Vec<Case>> {
                     topk: a.topk.unwrap_or(topk),
                     dtype,
                     fp8: a.fp8,
-                    transport: a.transport.clone(),
+                    transport: if imp == "nccl" {
+                        "nccl".into()
+                    } else {
+                        a.transport.clone()
+                    },
                     implementation: imp.clone(),
                     timeout_ms: a.timeout_ms,
                     shm_inline_kib: a.shm_inline_kib,
@@ -249,6 +267,9 @@ fn cases(a: &Args) -> Result<Vec<Case>> {
 
 /// A rank: form the group through the rendezvous, run, report.
 fn rank_main(case: &Case, rank: usize, addr: &str, engine_listen: &str) -> Result<()> {
+    if case.implementation == "nccl" {
+        return nccl_rank_main(case, rank, addr);
+    }
     let engine = Engine::new(EngineConfig {
         transport: case.transport.parse().map_err(|e| anyhow!("{e}"))?,
         tcp_listen: engine_listen.parse().context("--engine-listen")?,
@@ -275,6 +296,262 @@ fn rank_main(case: &Case, rank: usize, addr: &str, engine_listen: &str) -> Resul
     let _ = joined.conn.recv(Duration::from_secs(60));
     if let Some(e) = err {
         bail!("rank {rank}: {e}");
+    }
+    Ok(())
+}
+
+/// Before any case runs: `--baseline nccl` needs CUDA, libnccl and one GPU
+/// per rank on this host (NCCL refuses two ranks of a group on one GPU).
+fn nccl_preflight(ranks: usize) -> Result<()> {
+    nccl::available().context("--baseline nccl needs a GPU and NCCL")?;
+    let gpus = cuda::device_count()? as usize;
+    if ranks > gpus {
+        bail!(
+            "--baseline nccl runs one rank per GPU: --ranks {ranks}, but {gpus} GPU(s) visible \
+             (NCCL refuses two ranks of one group on the same GPU)"
+        );
+    }
+    Ok(())
+}
+
+/// What a rank puts in its rendezvous payload for the NCCL baseline: rank 0
+/// its NCCL unique id in hex, the others "ok"; "failed" where the rank could
+/// not set up, so every rank stops before NCCL init (which would wait for
+/// the missing rank without a deadline).
+const NCCL_FAILED: &str = "failed";
+
+/// A rank of the NCCL baseline: set up the GPU (rank 0 also the NCCL id),
+/// join the rendezvous with the id (or its status) as payload, run, report.
+fn nccl_rank_main(case: &Case, rank: usize, addr: &str) -> Result<()> {
+    let setup = (|| -> Result<(GpuDevice, Option<NcclId>)> {
+        nccl::available()?;
+        let gpus = cuda::device_count()?.max(1);
+        let dev = GpuDevice::open(rank as u32 % gpus)?;
+        let id = if rank == 0 {
+            Some(NcclId::new()?)
+        } else {
+            None
+        };
+        Ok((dev, id))
+    })();
+    let payload = match &setup {
+        Ok((_, Some(id))) => id.to_hex(),
+        Ok((_, None)) => "ok".to_string(),
+        Err(_) => NCCL_FAILED.to_string(),
+    };
+    let fingerprint = format!("nccl-{}", case.ep_config().fingerprint());
+    let mut joined = rendezvous::join_payload(
+        addr,
+        rank,
+        case.ranks,
+        &fingerprint,
+        &payload,
+        Duration::from_secs(60),
+    )?;
+    let ran = setup.and_then(|(dev, _)| {
+        if let Some(r) = joined.payloads.iter().position(|p| p == NCCL_FAILED) {
+            bail!("rank {r} could not set up its GPU or NCCL");
+        }
+        let id = NcclId::from_hex(&joined.payloads[0]).context("rank 0's NCCL id")?;
+        Ok(nccl_run(case, rank, &dev, &id))
+    });
+    let (rep, err) = match ran {
+        Ok(r) => r,
+        Err(e) => (
+            RankReport {
+                rank,
+                error: Some(format!("{e:#}")),
+                ..Default::default()
+            },
+            Some(e),
+        ),
+    };
+    joined
+        .conn
+        .send(&format!("REPORT {}", serde_json::to_string(&rep)?))?;
+    let _ = joined.conn.recv(Duration::from_secs(60));
+    if let Some(e) = err {
+        bail!("rank {rank}: {e:#}");
+    }
+    Ok(())
+}
+
+/// Device buffers of one all-to-all-v direction.
+struct Direction {
+    send: DeviceBuffer,
+    send_spans: Vec<PeerSpan>,
+    recv: DeviceBuffer,
+    recv_spans: Vec<PeerSpan>,
+    recv_len: usize,
+    expected: Vec<u8>,
+    recv_rows: usize,
+}
+
+impl Direction {
+    fn new(dev: &GpuDevice, plan: &AllToAllPlan, phase: Phase) -> Result<Direction> {
+        let data = plan.send_data(phase);
+        let expected = plan.expected_recv(phase);
+        // Zero-byte directions still get a buffer (the spans are all empty).
+        let send = DeviceBuffer::alloc(dev, data.len().max(1) as u64)?;
+        if !data.is_empty() {
+            send.write_from_host(0, &data)?;
+        }
+        let recv = DeviceBuffer::alloc(dev, expected.len().max(1) as u64)?;
+        Ok(Direction {
+            send,
+            send_spans: PeerSpan::packed(&plan.send_lens(phase)),
+            recv,
+            recv_spans: PeerSpan::packed(&plan.recv_lens(phase)),
+            recv_len: expected.len(),
+            expected,
+            recv_rows: plan.recv_rows(phase),
+        })
+    }
+
+    /// One timed all-to-all-v: µs between CUDA events around it.
+    fn run(&self, comm: &mut NcclComm, s: &GpuStream, timeout: Duration) -> Result<f64> {
+        let t0 = s.record_timed()?;
+        comm.all_to_all_v(
+            s,
+            &self.send,
+            &self.send_spans,
+            &self.recv,
+            &self.recv_spans,
+        )?;
+        let t1 = s.record_timed()?;
+        comm.wait(&t1, timeout)?;
+        Ok(t0.elapsed_ms(&t1)? as f64 * 1e3)
+    }
+
+    /// The received bytes (waits for the GPU).
+    fn received(&self) -> Result<Vec<u8>> {
+        let mut got = vec![0u8; self.recv_len];
+        if !got.is_empty() {
+            self.recv.read_to_host(0, &mut got)?;
+        }
+        Ok(got)
+    }
+}
+
+/// The NCCL baseline loop of one rank, shaped like `workload::run_rank`:
+/// per iteration 1 ms sleep and two barriers (a one-byte all-to-all each),
+/// the timed dispatch all-to-all-v, its check, the same for combine. The
+/// receive buffers are scribbled over before every operation, so every
+/// check sees that iteration's bytes.
+fn nccl_run(
+    case: &Case,
+    rank: usize,
+    dev: &GpuDevice,
+    id: &NcclId,
+) -> (RankReport, Option<anyhow::Error>) {
+    let mut rep = RankReport {
+        rank,
+        verified: case.run.verify,
+        ..Default::default()
+    };
+    let r = nccl_loop(case, rank, dev, id, &mut rep);
+    if let Err(e) = &r {
+        rep.error = Some(format!("{e:#}"));
+    }
+    (rep, r.err())
+}
+
+fn nccl_loop(
+    case: &Case,
+    rank: usize,
+    dev: &GpuDevice,
+    id: &NcclId,
+    rep: &mut RankReport,
+) -> Result<()> {
+    let cfg = case.ep_config();
+    let routing: Routing = case.run.routing.parse().map_err(|e: String| anyhow!(e))?;
+    let plan = AllToAllPlan::new(
+        &PlanParams {
+            routing,
+            seed: case.run.seed,
+            world: case.ranks,
+            tokens: case.run.tokens,
+            topk: case.topk,
+            experts: case.experts,
+            hidden: case.hidden,
+            dtype: case.dtype,
+            wire: cfg.dispatch_format,
+            dispatch_row_bytes: cfg.dispatch_row_bytes(),
+            combine_row_bytes: cfg.combine_row_bytes(),
+        },
+        rank,
+    )
+    .map_err(|e| anyhow!(e))?;
+    let (remote, own) = plan.dispatch_rows_remote_and_self();
+    rep.rows_remote = remote;
+    rep.rows_self = own;
+    rep.dispatch_remote_bytes = remote * plan.dispatch_row_bytes;
+    rep.combine_remote_bytes = plan.combine_rows_remote() * plan.combine_row_bytes;
+    rep.selections = plan.selections;
+    rep.token_bytes = kvmesh_ep::dtype::payload_bytes(case.hidden, case.dtype, cfg.dispatch_format);
+
+    let mut comm = NcclComm::init_rank(dev, case.ranks, rank, id)?;
+    let stream = GpuStream::new(dev)?;
+    let timeout = Duration::from_millis(case.timeout_ms);
+    let dispatch = Direction::new(dev, &plan, Phase::Dispatch)?;
+    let combine = Direction::new(dev, &plan, Phase::Combine)?;
+    let world = case.ranks as u64;
+    let bar_send = DeviceBuffer::zeroed(dev, world)?;
+    let bar_recv = DeviceBuffer::zeroed(dev, world)?;
+    let bar_spans = PeerSpan::packed(&vec![1; case.ranks]);
+    let barrier = |comm: &mut NcclComm| -> Result<()> {
+        comm.all_to_all_v(&stream, &bar_send, &bar_spans, &bar_recv, &bar_spans)?;
+        comm.wait(&stream.record()?, timeout)?;
+        Ok(())
+    };
+    for it in 0..case.run.warmup + case.run.iters {
+        let timed = it >= case.run.warmup;
+        let mut times = [0f64; 2];
+        for (i, (dir, phase)) in [(&dispatch, Phase::Dispatch), (&combine, Phase::Combine)]
+            .into_iter()
+            .enumerate()
+        {
+            if case.run.verify && dir.recv_len > 0 {
+                stream.fill(&dir.recv, 0, dir.recv_len as u64, 0xA5 ^ it as u8)?;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            barrier(&mut comm)?;
+            barrier(&mut comm)?;
+            times[i] = dir
+                .run(&mut comm, &stream, timeout)
+                .with_context(|| format!("{phase:?} iteration {it}"))?;
+            // Combine bytes are read back every iteration for the hash.
+            if case.run.verify || phase == Phase::Combine {
+                let got = dir.received()?;
+                if case.run.verify {
+                    if got == dir.expected {
+                        rep.rows_checked += dir.recv_rows;
+                    } else {
+                        let at = got
+                            .iter()
+                            .zip(&dir.expected)
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(0);
+                        rep.verified = false;
+                        rep.error.get_or_insert(format!(
+                            "{phase:?} iteration {it}: received bytes differ from the senders' \
+                             at offset {at}"
+                        ));
+                    }
+                }
+                if phase == Phase::Combine {
+                    rep.combines_checked += usize::from(case.run.verify);
+                    let h = workload::short_hash(&got);
+                    if !rep.hashes.contains(&h) {
+                        rep.hashes.push(h);
+                    }
+                }
+            }
+        }
+        if timed {
+            rep.dispatch_us.push(times[0]);
+            rep.combine_us.push(times[1]);
+        }
     }
     Ok(())
 }
@@ -389,13 +666,13 @@ fn aggregate(case: &Case, reps: &[RankReport]) -> Row {
     }
 }
 
-/// Runs one case: rendezvous server here, ranks as child processes (or
-/// joined from elsewhere with --listen).
-fn run_case(case: &Case, listen: Option<&str>, per_rank: bool) -> Result<Row> {
-    let server = Server::bind(listen.unwrap_or("127.0.0.1:0"), case.ranks)?;
+/// Runs one case: rendezvous on `server` (one listener for all cases, so
+/// ranks joined from elsewhere that move on to the next case early wait in
+/// its backlog), ranks as child processes unless `external`.
+fn run_case(case: &Case, server: &Server, external: bool, per_rank: bool) -> Result<Row> {
     let addr = server.local_addr()?.to_string();
     let mut children: Vec<Child> = Vec::new();
-    if listen.is_none() {
+    if !external {
         let exe = std::env::current_exe()?;
         let case_json = serde_json::to_string(case)?;
         for r in 0..case.ranks {
@@ -478,25 +755,15 @@ fn run_case(case: &Case, listen: Option<&str>, per_rank: bool) -> Result<Row> {
 fn write_matrix(case: &Case, path: &PathBuf) -> Result<()> {
     let cfg = case.ep_config();
     let routing: Routing = case.run.routing.parse().map_err(|e: String| anyhow!(e))?;
-    let map = ExpertMap {
-        num_experts: case.experts,
-        world: case.ranks,
-    };
-    let mut rows = vec![vec![0usize; case.ranks]; case.ranks];
-    for (r, row) in rows.iter_mut().enumerate() {
-        let (idx, _) = workload::routing(
-            routing,
-            case.run.seed,
-            r,
-            case.run.tokens,
-            case.topk,
-            case.experts,
-        );
-        let plan = plan_sends(&idx, case.topk, map).map_err(|e| anyhow!(e))?;
-        for (d, s) in plan.send.iter().enumerate() {
-            row[d] = s.len();
-        }
-    }
+    let rows = alltoallv::row_matrix(
+        routing,
+        case.run.seed,
+        case.ranks,
+        case.run.tokens,
+        case.topk,
+        case.experts,
+    )
+    .map_err(|e| anyhow!(e))?;
     let mut f = std::fs::File::create(path)?;
     writeln!(f, "kvmesh-ep-matrix 1 {}", case.ranks)?;
     for row in &rows {
@@ -706,12 +973,16 @@ fn main() -> Result<()> {
     if a.ranks == 0 {
         bail!("--ranks must be at least 1");
     }
+    if a.listen.is_none() && all.iter().any(|c| c.implementation == "nccl") {
+        nccl_preflight(a.ranks)?;
+    }
     if let Some(p) = &a.write_matrix {
         write_matrix(&all[0], p)?;
     }
+    let server = Server::bind(a.listen.as_deref().unwrap_or("127.0.0.1:0"), a.ranks)?;
     let mut rows = Vec::new();
     for c in &all {
-        let row = run_case(c, a.listen.as_deref(), a.per_rank).with_context(|| {
+        let row = run_case(c, &server, a.listen.is_some(), a.per_rank).with_context(|| {
             format!("{} {} tokens {}", c.config, c.implementation, c.run.tokens)
         })?;
         if a.json {

@@ -37,6 +37,7 @@ mod device;
 mod ipc;
 mod kernels;
 mod memory;
+pub mod nccl;
 mod poller;
 pub mod segments;
 mod stream;
