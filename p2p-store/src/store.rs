@@ -5,9 +5,11 @@
 //!
 //! ```text
 //!              gossip announces ─► Membership ─► links (engine peers) ─► placement
-//!  Store::put ─► HRW targets ─► Reserve (engine RPC) ─► engine WRITE ─► Commit ─► provider record
-//!  Store::get ─► location cache / HRW candidates / Kademlia providers
-//!                 ─► Lease ─► engine READ ─► checksum ─► Release (async)
+//!  Store::put ─► HRW targets ─► Reserve (engine RPC) ─► engine WRITE ∥ hash ─► Commit
+//!                 (─► provider record only where placement will not find the copy)
+//!  Store::get ─► same-host holder: READ location table ─► READ bytes ─► READ seq ─► checksum
+//!             ─► else location cache / HRW candidates / Kademlia providers
+//!                 ─► Lease (+ deferred releases) ─► engine READ ─► checksum ─► Release (deferred)
 //!  engine RPC handler ─► Holder ─► events ─► maintenance task (SSD spill, provider records)
 //!  member dead / left ─► release its leases/reservations ─► RepairContext ─► re-replicate
 //!                        (retried every `repair_delay` while copies are still missing)
