@@ -130,6 +130,11 @@ pub type BatchId = u64;
 /// Run once when every slice of a batch is terminal.
 pub(crate) type SlicesDoneHook = Box<dyn FnOnce(Arc<BatchState>) + Send>;
 
+/// Run once when the batch is cancelled or times out, with that kind: lets
+/// a transport that owns BUSY slices (RDMA) stop them.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) type AbortHook = Box<dyn FnOnce(ErrorKind) + Send>;
+
 pub(crate) const PENDING: u8 = 0;
 pub(crate) const BUSY: u8 = 1;
 pub(crate) const SENT: u8 = 2;
@@ -173,6 +178,8 @@ pub(crate) struct BatchState {
     deadlines: Mutex<Option<Arc<crate::deadline::Deadlines>>>,
     /// Called once when all slices are terminal (sends notifications).
     pub(crate) on_slices_done: Mutex<Option<SlicesDoneHook>>,
+    /// Called once on abort.
+    on_abort: Mutex<Vec<AbortHook>>,
 }
 
 impl std::fmt::Debug for BatchState {
@@ -226,6 +233,7 @@ impl BatchState {
             cond: Condvar::new(),
             waker: tokio::sync::Notify::new(),
             on_slices_done: Mutex::new(None),
+            on_abort: Mutex::new(Vec::new()),
             deadlines: Mutex::new(None),
         }
     }
@@ -323,10 +331,36 @@ impl BatchState {
                 self.terminate(i, SENT, ABORTED, Some(kind));
             }
         }
+        let hooks = std::mem::take(&mut *self.on_abort.lock());
+        for h in hooks {
+            h(kind);
+        }
         if self.slices.is_empty() {
             self.finish();
         }
         true
+    }
+
+    /// Runs `f` when the batch is aborted (at once if it already was).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn on_abort(&self, f: AbortHook) {
+        let mut g = self.on_abort.lock();
+        match self.aborted() {
+            Some(k) => {
+                drop(g);
+                f(k);
+            }
+            None => g.push(f),
+        }
+    }
+
+    /// Records a failed notification without completing the batch (the
+    /// transport that carried it completes the slices next).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn set_notify_error(&self, k: ErrorKind) {
+        let _ = self
+            .notify_error
+            .compare_exchange(0, k.code(), SeqCst, SeqCst);
     }
 
     /// Whether any slice is in BUSY or SENT (used to decide on a deadline
@@ -480,5 +514,69 @@ impl Batch {
     /// longer touches the batch's local memory.
     pub fn cancel(&self) {
         self.state.abort(ErrorKind::Cancelled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(n: usize) -> Arc<BatchState> {
+        let slices = (0..n as u32)
+            .map(|op| Slice {
+                op,
+                local_offset: 0,
+                remote_offset: 0,
+                len: 8,
+                lane: 0,
+            })
+            .collect();
+        Arc::new(BatchState::new(
+            1,
+            Instant::now() + Duration::from_secs(5),
+            vec![OpKind::Write; n],
+            slices,
+            Vec::new(),
+            vec![0; n],
+            vec![0; n],
+            None,
+            Vec::new(),
+        ))
+    }
+
+    /// A transport owning BUSY slices hears about the abort once, and the
+    /// batch completes only when it reports those slices.
+    #[test]
+    fn abort_hooks_run_once_and_busy_slices_wait_for_their_owner() {
+        let b = batch(2);
+        assert!(b.advance(0, PENDING, BUSY));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        b.on_abort(Box::new(move |k| s2.lock().push(k)));
+        assert!(b.abort(ErrorKind::Cancelled));
+        assert!(!b.abort(ErrorKind::Timeout));
+        assert_eq!(*seen.lock(), vec![ErrorKind::Cancelled]);
+        // Slice 1 was pending: aborted. Slice 0 is BUSY until its owner
+        // reports it.
+        assert!(!b.is_done());
+        b.fail(0, ErrorKind::Cancelled);
+        assert!(b.is_done());
+        assert_eq!(b.status().result, Err(ErrorKind::Cancelled));
+        // A hook added after the abort runs at once.
+        let s3 = seen.clone();
+        b.on_abort(Box::new(move |k| s3.lock().push(k)));
+        assert_eq!(seen.lock().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_carried_notification_fails_a_batch_whose_data_landed() {
+        let b = batch(1);
+        assert!(b.advance(0, PENDING, BUSY));
+        b.set_notify_error(ErrorKind::ConnectionLost);
+        b.complete(0, BUSY);
+        assert!(b.is_done());
+        let st = b.status();
+        assert_eq!(st.bytes, 8);
+        assert_eq!(st.result, Err(ErrorKind::ConnectionLost));
     }
 }

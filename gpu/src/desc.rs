@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 /// - 1: first release.
 /// - 2: region descriptors carry CUDA IPC reachability of GPU regions.
 ///   Peer descriptors are unchanged; both still decode version 1.
-pub const DESC_VERSION: u16 = 2;
+/// - 3: peer descriptors carry the RDMA NICs (`None` where the engine runs
+///   without RDMA, in every build without the `rdma` feature too) and
+///   region descriptors the rkeys. Versions 1 and 2 decode with `None`.
+pub const DESC_VERSION: u16 = 3;
 /// Oldest version this build decodes.
 pub const DESC_VERSION_MIN: u16 = 1;
 const DESC_MAGIC: [u8; 2] = *b"KM";
@@ -43,6 +46,33 @@ pub struct PeerDesc {
     pub tcp_conns: u16,
     /// Data-plane secret; proves the holder was handed this descriptor.
     pub secret: [u8; 32],
+    /// The engine's RDMA NICs when it runs the `rdma` transport.
+    pub rdma: Option<crate::rdma_wire::RdmaPeerDesc>,
+}
+
+/// The peer layout of descriptor versions 1 and 2 (before RDMA).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct PeerDescV2 {
+    engine_id: EngineId,
+    host_id: String,
+    tcp: Vec<SocketAddr>,
+    shm: Option<String>,
+    tcp_conns: u16,
+    secret: [u8; 32],
+}
+
+impl From<PeerDescV2> for PeerDesc {
+    fn from(v: PeerDescV2) -> PeerDesc {
+        PeerDesc {
+            engine_id: v.engine_id,
+            host_id: v.host_id,
+            tcp: v.tcp,
+            shm: v.shm,
+            tcp_conns: v.tcp_conns,
+            secret: v.secret,
+            rdma: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for PeerDesc {
@@ -53,6 +83,7 @@ impl std::fmt::Debug for PeerDesc {
             .field("tcp", &self.tcp)
             .field("shm", &self.shm)
             .field("tcp_conns", &self.tcp_conns)
+            .field("rdma", &self.rdma.as_ref().map(|r| r.nics.len()))
             .field("secret", &"<redacted>")
             .finish()
     }
@@ -64,12 +95,13 @@ impl PeerDesc {
         encode_versioned(self)
     }
 
-    /// Decodes [`PeerDesc::to_bytes`] output (versions 1 and 2 share the
-    /// peer layout).
+    /// Decodes [`PeerDesc::to_bytes`] output of this or an earlier version
+    /// (versions 1 and 2 share the peer layout and carry no RDMA NICs).
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let (version, body) = split_versioned(b)?;
         match version {
-            DESC_VERSION_MIN..=DESC_VERSION => decode_body(body),
+            DESC_VERSION => decode_body(body),
+            DESC_VERSION_MIN..DESC_VERSION => Ok(decode_body::<PeerDescV2>(body)?.into()),
             v => Err(unknown_version(v)),
         }
     }
@@ -169,7 +201,7 @@ pub fn local_host_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sample() -> PeerDesc {
@@ -180,7 +212,43 @@ mod tests {
             shm: Some("kvmesh-x".into()),
             tcp_conns: 2,
             secret: [9; 32],
+            rdma: None,
         }
+    }
+
+    fn with_rdma() -> PeerDesc {
+        use crate::rdma_wire::{LinkLayer, Mtu, NicDesc, RdmaPeerDesc, RDMA_DESC_VERSION};
+        PeerDesc {
+            rdma: Some(RdmaPeerDesc {
+                version: RDMA_DESC_VERSION,
+                incarnation: 77,
+                nics: vec![NicDesc {
+                    name: "mlx5_0".into(),
+                    port_num: 1,
+                    link_layer: LinkLayer::Ethernet,
+                    lid: 0,
+                    gid: [0xfe; 16],
+                    mtu: Mtu::M4096,
+                }],
+            }),
+            ..sample()
+        }
+    }
+
+    /// Encodes `d` the way a build of descriptor version 2 did.
+    pub(crate) fn encode_v2(d: &PeerDesc) -> Vec<u8> {
+        let v2 = PeerDescV2 {
+            engine_id: d.engine_id,
+            host_id: d.host_id.clone(),
+            tcp: d.tcp.clone(),
+            shm: d.shm.clone(),
+            tcp_conns: d.tcp_conns,
+            secret: d.secret,
+        };
+        let mut b = DESC_MAGIC.to_vec();
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&postcard::to_allocvec(&v2).unwrap());
+        b
     }
 
     #[test]
@@ -197,14 +265,36 @@ mod tests {
     }
 
     #[test]
-    fn peer_desc_of_version_1_still_decodes() {
+    fn peer_desc_of_versions_1_and_2_still_decode_without_rdma() {
+        // What builds before RDMA sent: the same bytes under version 1 or 2.
         let d = sample();
-        let mut b = d.to_bytes();
+        let mut b = encode_v2(&d);
+        assert_eq!(PeerDesc::from_bytes(&b).unwrap(), d);
         b[2..4].copy_from_slice(&1u16.to_le_bytes());
         assert_eq!(PeerDesc::from_bytes(&b).unwrap(), d);
-        b[2..4].copy_from_slice(&3u16.to_le_bytes());
+        // An old descriptor of an engine says nothing about RDMA even when
+        // this build has it.
+        assert_eq!(
+            PeerDesc::from_bytes(&encode_v2(&with_rdma())).unwrap().rdma,
+            None
+        );
+        b[2..4].copy_from_slice(&4u16.to_le_bytes());
         let e = PeerDesc::from_bytes(&b).unwrap_err().to_string();
-        assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
+        assert!(e.contains("version 4") && e.contains("1 to 3"), "{e}");
+    }
+
+    #[test]
+    fn rdma_nics_round_trip_in_every_build() {
+        let d = with_rdma();
+        let b = d.to_bytes();
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]), 3);
+        assert_eq!(PeerDesc::from_bytes(&b).unwrap(), d);
+        // Without RDMA the version-3 layout still decodes, to `None`.
+        let plain = sample().to_bytes();
+        assert_eq!(PeerDesc::from_bytes(&plain).unwrap().rdma, None);
+        // The RDMA part is a trailing option: one byte when absent.
+        assert_eq!(plain.len(), encode_v2(&sample()).len() + 1);
+        assert!(format!("{d:?}").contains("rdma: Some(1)"));
     }
 
     #[test]

@@ -5,11 +5,16 @@
 //! ```text
 //!  submit(ops) --validate--> plan per (peer, transport) --> tcp lanes  --> peer's tcp server
 //!       |                                              |--> shm copies --> peer's memfd pages
-//!       |                                              \--> cuda-ipc: cuMemcpyAsync on the
-//!       |                                                   engine stream --> event poller
-//!       +--> deadline timer (abort + tear down stalled lanes)
+//!       |                                              |--> cuda-ipc: cuMemcpyAsync on the
+//!       |                                              |    engine stream --> event poller
+//!       |                                              \--> rdma (feature): one op = one slice,
+//!       |                                                   RdmaTransport::submit --> NIC;
+//!       |                                                   progress thread --> slices done
+//!       +--> deadline timer (abort + tear down stalled lanes; rdma: RdmaTransport::abort)
 //!  all slices terminal --> notifications (if any) --> batch complete --> poll / wait
 //! ```
+//!
+//! The transport of each op is chosen by [`crate::route::choose`] (pure).
 //!
 //! GPU memory: `cuda-ipc` copies device to device (or host to device)
 //! straight into a same-host peer's region; `tcp` (both sides) and `shm`
@@ -28,7 +33,9 @@ use crate::batch::{Batch, BatchOptions, BatchState, Op, OpKind, BUSY, PENDING};
 use crate::desc::{local_host_id, EngineId, PeerDesc};
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::{InUse, MemoryKind, Region, RegionDesc, RegionId, RegionInner};
-use crate::plan::{plan, OpSpan};
+use crate::plan::{plan, OpSpan, Slice};
+use crate::rdma_wire::RdmaRegionDesc;
+use crate::route::{choose, rdma_reach, Carrier, Reach};
 use crate::shm::{self, CopyJob, ShmPeer};
 use crate::tcp::{self, Lane, LaneJob};
 use crate::wire::MAX_NOTIFY_BYTES;
@@ -47,6 +54,12 @@ pub enum TransportKind {
     /// CUDA IPC only (same machine, remote GPU regions); other ops are
     /// refused with `Unreachable`.
     CudaIpc,
+    /// RDMA only (cargo feature `rdma`): both engines run RDMA and the
+    /// region carries rkeys; other ops are refused with `Unreachable`.
+    /// `Engine::new` fails where no RDMA NIC can be used, or in a build
+    /// without the feature. (`Auto` uses RDMA when it is up, after
+    /// `cuda-ipc` and `shm`, before `tcp`.)
+    Rdma,
 }
 
 impl std::str::FromStr for TransportKind {
@@ -57,8 +70,9 @@ impl std::str::FromStr for TransportKind {
             "shm" => Ok(TransportKind::Shm),
             "auto" => Ok(TransportKind::Auto),
             "cuda-ipc" => Ok(TransportKind::CudaIpc),
+            "rdma" => Ok(TransportKind::Rdma),
             _ => Err(Error::Invalid(format!(
-                "unknown transport {s:?} (expected tcp, shm, cuda-ipc or auto)"
+                "unknown transport {s:?} (expected tcp, shm, cuda-ipc, rdma or auto)"
             ))),
         }
     }
@@ -100,6 +114,37 @@ pub struct EngineConfig {
     pub max_server_conns: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// The `rdma` transport (used only in builds with the `rdma` feature).
+    pub rdma: RdmaSettings,
+}
+
+/// Settings of the `rdma` transport. With the `rdma` feature and transport
+/// `Auto` or `Rdma`, [`Engine::new`] opens the NICs; `Auto` goes on without
+/// RDMA where none can be used, `Rdma` fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaSettings {
+    /// Use RDMA at all (with `Auto`); `false` with transport `Rdma` is an
+    /// error.
+    pub enabled: bool,
+    /// NIC names to use (e.g. `mlx5_0`); empty = every NIC with an active
+    /// port.
+    pub nics: Vec<String>,
+    /// Queue pairs per (local NIC, peer NIC) pair.
+    pub qps_per_nic_pair: usize,
+    /// Largest RDMA work request; operations are cut into pieces of at
+    /// most this many bytes spread over the queue pairs.
+    pub max_slice_bytes: u64,
+}
+
+impl Default for RdmaSettings {
+    fn default() -> Self {
+        RdmaSettings {
+            enabled: true,
+            nics: Vec::new(),
+            qps_per_nic_pair: 2,
+            max_slice_bytes: 1 << 20,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -121,6 +166,7 @@ impl Default for EngineConfig {
             max_server_conns: 1024,
             connect_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
+            rdma: RdmaSettings::default(),
         }
     }
 }
@@ -147,8 +193,11 @@ impl std::fmt::Display for PeerId {
 pub(crate) struct Shared {
     pub(crate) desc: Arc<PeerDesc>,
     pub(crate) cfg: EngineConfig,
+    /// The RDMA transport, when it is up.
+    #[cfg(feature = "rdma")]
+    pub(crate) rdma: Option<Arc<crate::rdma_link::RdmaLink>>,
     pub(crate) regions: RwLock<HashMap<RegionId, Arc<RegionInner>>>,
-    notify_tx: mpsc::Sender<Notification>,
+    pub(crate) notify_tx: mpsc::Sender<Notification>,
     pub(crate) server_conns: AtomicUsize,
     pub(crate) shm_conns: Mutex<HashMap<u64, Arc<shm::ServerConn>>>,
     copy_tx: crossbeam_channel::Sender<CopyJob>,
@@ -156,8 +205,8 @@ pub(crate) struct Shared {
     rpc: RwLock<Option<RpcHandler>>,
     deadlines: Arc<crate::deadline::Deadlines>,
     /// Wakes threads blocked in `recv_notification_timeout`.
-    notify_lock: Mutex<()>,
-    notify_cv: parking_lot::Condvar,
+    pub(crate) notify_lock: Mutex<()>,
+    pub(crate) notify_cv: parking_lot::Condvar,
     /// One copy stream per GPU for `cuda-ipc` batches.
     gpu_streams: Mutex<HashMap<u32, Arc<crate::cuda::GpuStream>>>,
 }
@@ -210,6 +259,21 @@ impl Shared {
         }
     }
 
+    /// Answers an engine control message (`OP_CONTROL`) from `from`:
+    /// (status, reply). Engines running without RDMA answer `Unreachable`.
+    pub(crate) async fn answer_control(
+        self: &Arc<Self>,
+        from: EngineId,
+        req: &[u8],
+    ) -> (u8, Vec<u8>) {
+        #[cfg(feature = "rdma")]
+        if let Some(link) = &self.rdma {
+            return link.answer(self, from, req).await;
+        }
+        let _ = (from, req);
+        (ErrorKind::Unreachable.code(), Vec::new())
+    }
+
     /// Queues an incoming notification; waits (back-pressuring the sender's
     /// connection) while the queue is full.
     pub(crate) async fn deliver(&self, n: Notification) {
@@ -230,6 +294,8 @@ struct Peer {
     lanes: Mutex<Vec<Option<Arc<Lane>>>>,
     shm: Mutex<Option<Arc<ShmPeer>>>,
     shm_connect: tokio::sync::Mutex<()>,
+    /// RDMA keys of the peer's regions we imported.
+    rdma_regions: Mutex<HashMap<RegionId, RdmaRegionDesc>>,
 }
 
 impl Peer {
@@ -276,6 +342,9 @@ struct EngineInner {
     local_addr: SocketAddr,
     /// Regions deregistered whose operations have not drained yet.
     draining: Mutex<std::collections::HashSet<RegionId>>,
+    /// The thread polling the RDMA completion queues.
+    #[cfg(feature = "rdma")]
+    rdma_progress: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Engines of this process (a process cannot open its own CUDA IPC handles;
@@ -286,6 +355,17 @@ impl Drop for EngineInner {
     fn drop(&mut self) {
         let id = self.shared.desc.engine_id;
         LOCAL_ENGINES.lock().retain(|e| *e != id);
+        #[cfg(feature = "rdma")]
+        if let Some(link) = &self.shared.rdma {
+            link.stop();
+            // The last handle may be dropped by the progress thread itself
+            // (a completed batch's hook): then it exits after this round.
+            if let Some(t) = self.rdma_progress.lock().take() {
+                if t.thread().id() != std::thread::current().id() && t.join().is_err() {
+                    tracing::warn!("RDMA progress thread panicked");
+                }
+            }
+        }
         if let Some(rt) = self.rt.lock().take() {
             rt.shutdown_background();
         }
@@ -313,6 +393,37 @@ enum Route {
     Tcp(PeerId),
     Shm(PeerId),
     CudaIpc(PeerId),
+    /// RDMA to the peer; only chosen where this engine runs RDMA.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    Rdma(PeerId),
+}
+
+/// Checks the RDMA settings against the transport asked for; `Ok(true)`
+/// when the engine should open its NICs.
+fn wants_rdma(cfg: &EngineConfig) -> Result<bool> {
+    let asked = cfg.transport == TransportKind::Rdma;
+    if !cfg!(feature = "rdma") {
+        // The settings mean nothing in this build.
+        return match asked {
+            true => Err(Error::Unsupported(
+                "transport rdma: kvmesh-gpu was built without the rdma feature".into(),
+            )),
+            false => Ok(false),
+        };
+    }
+    if asked && !cfg.rdma.enabled {
+        return Err(Error::Invalid(
+            "transport rdma with rdma.enabled = false".into(),
+        ));
+    }
+    let wanted =
+        cfg.rdma.enabled && matches!(cfg.transport, TransportKind::Auto | TransportKind::Rdma);
+    if wanted && (cfg.rdma.qps_per_nic_pair == 0 || cfg.rdma.max_slice_bytes == 0) {
+        return Err(Error::Invalid(
+            "rdma.qps_per_nic_pair and rdma.max_slice_bytes must be > 0".into(),
+        ));
+    }
+    Ok(wanted)
 }
 
 impl Engine {
@@ -335,6 +446,7 @@ impl Engine {
                 "tcp_conns, io_threads, lane_queue and lane_inflight must be > 0".into(),
             ));
         }
+        let wants_rdma = wants_rdma(&cfg)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.io_threads)
             .thread_name("kvmesh-io")
@@ -342,6 +454,14 @@ impl Engine {
             .build()
             .map_err(|e| Error::io("starting I/O runtime", e))?;
         let engine_id: EngineId = rand::random();
+        #[cfg(feature = "rdma")]
+        let rdma = if wants_rdma {
+            crate::rdma_link::RdmaLink::open(&cfg)?
+        } else {
+            None
+        };
+        #[cfg(not(feature = "rdma"))]
+        let _ = wants_rdma;
         let std_listener = std::net::TcpListener::bind(cfg.tcp_listen)
             .map_err(|e| Error::io(format!("binding {}", cfg.tcp_listen), e))?;
         std_listener
@@ -366,11 +486,17 @@ impl Engine {
             shm: cfg.shm.then_some(shm_name),
             tcp_conns: cfg.tcp_conns,
             secret: rand::random(),
+            #[cfg(feature = "rdma")]
+            rdma: rdma.as_ref().map(|l| l.local_desc()),
+            #[cfg(not(feature = "rdma"))]
+            rdma: None,
         };
         let (notify_tx, notify_rx) = mpsc::channel(cfg.notify_queue.max(1));
         let shared = Arc::new(Shared {
             desc: Arc::new(desc),
             cfg: cfg.clone(),
+            #[cfg(feature = "rdma")]
+            rdma,
             regions: RwLock::new(HashMap::new()),
             notify_tx,
             server_conns: AtomicUsize::new(0),
@@ -385,6 +511,11 @@ impl Engine {
         });
         LOCAL_ENGINES.lock().push(engine_id);
         rt.spawn(shared.deadlines.clone().run());
+        #[cfg(feature = "rdma")]
+        let rdma_progress = match &shared.rdma {
+            Some(link) => Some(link.spawn_progress(Arc::downgrade(&shared))?),
+            None => None,
+        };
         {
             let _g = rt.enter();
             let l = tokio::net::TcpListener::from_std(std_listener)
@@ -408,6 +539,8 @@ impl Engine {
                 notify_rx: tokio::sync::Mutex::new(notify_rx),
                 local_addr,
                 draining: Mutex::new(std::collections::HashSet::new()),
+                #[cfg(feature = "rdma")]
+                rdma_progress: Mutex::new(rdma_progress),
             }),
         })
     }
@@ -431,7 +564,11 @@ impl Engine {
         &self.inner.shared
     }
 
-    fn add_region(&self, inner: RegionInner) -> Region {
+    fn add_region(&self, #[allow(unused_mut)] mut inner: RegionInner) -> Region {
+        #[cfg(feature = "rdma")]
+        if let Some(link) = &self.shared().rdma {
+            link.register(&mut inner);
+        }
         let inner = Arc::new(inner);
         self.shared()
             .regions
@@ -528,6 +665,8 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        // Peers' RDMA keys for the region stop working.
+        region.inner.release_nic();
         self.inner.draining.lock().remove(&id);
         Ok(())
     }
@@ -549,6 +688,7 @@ impl Engine {
             lanes: Mutex::new(vec![None; lanes]),
             shm: Mutex::new(None),
             shm_connect: tokio::sync::Mutex::new(()),
+            rdma_regions: Mutex::new(HashMap::new()),
         };
         self.inner.peers.write().insert(id, Arc::new(peer));
         by.insert(desc.engine_id, id);
@@ -569,8 +709,13 @@ impl Engine {
     /// Imports a peer's region descriptor for use in [`Op`]s.
     pub fn import(&self, desc: &RegionDesc) -> crate::RemoteRegion {
         let peer = self.add_peer(&desc.peer);
-        if let (Some(g), Ok(p)) = (&desc.gpu, self.peer(peer)) {
-            p.gpu.lock().insert(desc.region, (g.clone(), desc.len));
+        if let Ok(p) = self.peer(peer) {
+            if let Some(g) = &desc.gpu {
+                p.gpu.lock().insert(desc.region, (g.clone(), desc.len));
+            }
+            if let Some(r) = &desc.rdma {
+                p.rdma_regions.lock().insert(desc.region, r.clone());
+            }
         }
         crate::RemoteRegion {
             peer,
@@ -612,32 +757,46 @@ impl Engine {
         Ok(())
     }
 
-    fn route(&self, peer: &Peer, id: PeerId, op: &Op) -> Result<Route> {
-        let shm_ok = peer.same_host && peer.desc.shm.is_some() && op.remote.shareable;
-        let ipc = self.ipc_reason(peer, op);
-        match self.shared().cfg.transport {
-            TransportKind::Tcp => Ok(Route::Tcp(id)),
-            TransportKind::Auto if ipc.is_ok() => Ok(Route::CudaIpc(id)),
-            TransportKind::Auto if shm_ok => Ok(Route::Shm(id)),
-            TransportKind::Auto => Ok(Route::Tcp(id)),
-            TransportKind::CudaIpc => match ipc {
-                Ok(()) => Ok(Route::CudaIpc(id)),
-                Err(why) => Err(Error::Unsupported(format!(
-                    "cuda-ipc cannot reach region {} of {id}: {why}",
-                    op.remote.region
-                ))),
-            },
-            TransportKind::Shm if shm_ok => Ok(Route::Shm(id)),
-            TransportKind::Shm => Err(Error::Unsupported(format!(
-                "shm cannot reach region {} of {id}: {}",
-                op.remote.region,
-                if !peer.same_host {
-                    "peer is on another host"
-                } else if peer.desc.shm.is_none() {
-                    "peer does not serve shm"
-                } else {
-                    "region is not shareable (registered caller memory)"
-                }
+    /// Whether this engine runs RDMA.
+    fn rdma_up(&self) -> bool {
+        #[cfg(feature = "rdma")]
+        return self.shared().rdma.is_some();
+        #[cfg(not(feature = "rdma"))]
+        false
+    }
+
+    fn route(&self, peer: &Peer, id: PeerId, op: &Op, local: &RegionInner) -> Result<Route> {
+        let shm = if !peer.same_host {
+            Err("peer is on another host")
+        } else if peer.desc.shm.is_none() {
+            Err("peer does not serve shm")
+        } else if !op.remote.shareable {
+            Err("region is not shareable (registered caller memory)")
+        } else {
+            Ok(())
+        };
+        let rdma = rdma_reach(
+            self.rdma_up(),
+            peer.desc.rdma.as_ref().map(|r| r.nics.len()),
+            peer.rdma_regions
+                .lock()
+                .get(&op.remote.region)
+                .map(|d| d.rkeys.len()),
+            local.with_nic(|_| ()).is_some(),
+        );
+        let reach = Reach {
+            cuda_ipc: self.ipc_reason(peer, op),
+            shm,
+            rdma,
+        };
+        match choose(self.shared().cfg.transport, &reach) {
+            Ok(Carrier::Tcp) => Ok(Route::Tcp(id)),
+            Ok(Carrier::Shm) => Ok(Route::Shm(id)),
+            Ok(Carrier::CudaIpc) => Ok(Route::CudaIpc(id)),
+            Ok(Carrier::Rdma) => Ok(Route::Rdma(id)),
+            Err(r) => Err(Error::Unsupported(format!(
+                "{} cannot reach region {} of {id}: {}",
+                r.transport, op.remote.region, r.why
             ))),
         }
     }
@@ -732,7 +891,7 @@ impl Engine {
                     p
                 }
             };
-            let route = self.route(&peer, op.remote.peer, op)?;
+            let route = self.route(&peer, op.remote.peer, op, &locals[idx as usize])?;
             match groups.iter_mut().find(|g| g.0 == route) {
                 Some(g) => g.1.push(i),
                 None => groups.push((route, vec![i])),
@@ -754,18 +913,57 @@ impl Engine {
                 .collect();
             let lanes = match route {
                 Route::Tcp(p) => peers[p].lanes.lock().len() as u16,
-                Route::Shm(_) | Route::CudaIpc(_) => 1,
+                Route::Shm(_) | Route::CudaIpc(_) | Route::Rdma(_) => 1,
             };
             let start = slices.len();
-            for mut s in plan(&spans, sh.cfg.slice_size, lanes) {
-                s.op = idx[s.op as usize] as u32;
-                slices.push(s);
+            if let Route::Rdma(_) = route {
+                // The RDMA transport cuts and spreads operations itself: one
+                // engine slice per operation.
+                slices.extend(idx.iter().zip(&spans).map(|(&i, s)| Slice {
+                    op: i as u32,
+                    local_offset: s.local_offset,
+                    remote_offset: s.remote_offset,
+                    len: s.len,
+                    lane: 0,
+                }));
+            } else {
+                for mut s in plan(&spans, sh.cfg.slice_size, lanes) {
+                    s.op = idx[s.op as usize] as u32;
+                    slices.push(s);
+                }
             }
             group_ranges.push(start..slices.len());
         }
+        // A batch that goes to one peer over RDMA alone carries its
+        // notification on the data path (WRITE_WITH_IMM after the data);
+        // every other batch sends it on the control channel.
+        #[cfg(feature = "rdma")]
+        let rdma_notify = match (&sh.rdma, &opts.notify, groups.as_slice()) {
+            (Some(link), Some(n), [(Route::Rdma(_), _)])
+                if extra_notify.is_empty() && link.carries_notification(n.len()) =>
+            {
+                Some(n.clone())
+            }
+            _ => None,
+        };
+        #[cfg(feature = "rdma")]
+        let mut rdma_work = {
+            let mut w = HashMap::new();
+            for (route, idx) in &groups {
+                if let Route::Rdma(pid) = *route {
+                    let ops = self.rdma_ops(&peers[&pid], ops, idx, &locals, &op_local)?;
+                    w.insert(pid, (ops, rdma_notify.clone()));
+                }
+            }
+            w
+        };
         let mut notify_peers: Vec<PeerId> = peers.keys().copied().chain(extra_notify).collect();
         notify_peers.sort();
         notify_peers.dedup();
+        #[cfg(feature = "rdma")]
+        if rdma_notify.is_some() {
+            notify_peers.clear();
+        }
         let timeout = opts.timeout.unwrap_or(sh.cfg.default_timeout);
         let state = Arc::new(BatchState::new(
             self.inner.next_batch.fetch_add(1, SeqCst),
@@ -791,6 +989,18 @@ impl Engine {
                 Route::Tcp(pid) => self.dispatch_tcp(&state, &peers[&pid], range),
                 Route::Shm(pid) => self.dispatch_shm(&state, &peers[&pid], range),
                 Route::CudaIpc(pid) => self.dispatch_ipc(&state, &peers[&pid], range),
+                #[cfg(feature = "rdma")]
+                Route::Rdma(pid) => {
+                    let (ops, notify) = rdma_work.remove(&pid).unwrap_or_default();
+                    self.dispatch_rdma(&state, &peers[&pid], range, ops, notify)
+                }
+                #[cfg(not(feature = "rdma"))]
+                Route::Rdma(_) => {
+                    // `route` never picks RDMA in a build without it.
+                    for i in range {
+                        state.fail(i, ErrorKind::Unreachable);
+                    }
+                }
             }
         }
         // Batches copied inline are done already and need no deadline.
@@ -993,6 +1203,60 @@ impl Engine {
         }
     }
 
+    /// The RDMA operations of one group (the ops at `idx`, in order): local
+    /// keys from the local region's registration, remote keys from the
+    /// imported descriptor.
+    #[cfg(feature = "rdma")]
+    fn rdma_ops(
+        &self,
+        peer: &Peer,
+        ops: &[Op],
+        idx: &[usize],
+        locals: &[InUse],
+        op_local: &[u32],
+    ) -> Result<Vec<crate::rdma::RdmaOp>> {
+        let remote = peer.rdma_regions.lock();
+        idx.iter()
+            .map(|&i| {
+                let op = &ops[i];
+                let r = remote.get(&op.remote.region);
+                let local = &locals[op_local[i] as usize];
+                r.and_then(|r| crate::rdma_link::rdma_op(op, local, r))
+                    .ok_or_else(|| {
+                        Error::Unsupported(format!(
+                            "rdma cannot reach region {} of {}: keys missing",
+                            op.remote.region, op.remote.peer
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// Hands one group to the RDMA transport (connecting to the peer first
+    /// when needed); the progress thread completes its slices.
+    #[cfg(feature = "rdma")]
+    fn dispatch_rdma(
+        &self,
+        state: &Arc<BatchState>,
+        peer: &Arc<Peer>,
+        range: std::ops::Range<usize>,
+        ops: Vec<crate::rdma::RdmaOp>,
+        notify: Option<Vec<u8>>,
+    ) {
+        let Some(link) = &self.shared().rdma else {
+            for i in range {
+                state.fail(i, ErrorKind::Unreachable);
+            }
+            return;
+        };
+        let work = crate::rdma_link::RdmaWork {
+            slices: range.collect(),
+            ops,
+            notify,
+        };
+        link.dispatch(self.shared(), state, &peer.desc, work);
+    }
+
     /// Resolves a peer's GPU region to an address usable here: the pointer
     /// itself for an engine of this process, else the opened IPC mapping.
     fn open_remote_gpu(
@@ -1060,7 +1324,7 @@ impl Engine {
             .iter()
             .filter_map(|(r, _)| match r {
                 Route::Tcp(p) => Some(peers[p].clone()),
-                Route::Shm(_) | Route::CudaIpc(_) => None,
+                Route::Shm(_) | Route::CudaIpc(_) | Route::Rdma(_) => None,
             })
             .collect();
         let on_expire: crate::deadline::OnExpire = Box::new(move |st: Arc<BatchState>| {
@@ -1273,5 +1537,129 @@ fn run_copies(
             let job = e.into_inner();
             shm::copy_slices(&job.batch, &job.slices, &job.maps, &job.peer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::BatchOptions;
+
+    fn cfg(transport: TransportKind) -> EngineConfig {
+        EngineConfig {
+            transport,
+            ..EngineConfig::default()
+        }
+    }
+
+    #[test]
+    fn rdma_parses_and_settings_are_checked() {
+        assert_eq!(
+            "rdma".parse::<TransportKind>().unwrap(),
+            TransportKind::Rdma
+        );
+        let e = "rmda".parse::<TransportKind>().unwrap_err().to_string();
+        assert!(e.contains("rdma"), "{e}");
+        let feature = cfg!(feature = "rdma");
+        // Auto tries RDMA (with the feature); tcp/shm/cuda-ipc never do.
+        assert_eq!(wants_rdma(&cfg(TransportKind::Auto)).unwrap(), feature);
+        for t in [
+            TransportKind::Tcp,
+            TransportKind::Shm,
+            TransportKind::CudaIpc,
+        ] {
+            assert!(!wants_rdma(&cfg(t)).unwrap(), "{t:?}");
+        }
+        let mut off = cfg(TransportKind::Auto);
+        off.rdma.enabled = false;
+        assert!(!wants_rdma(&off).unwrap());
+        off.transport = TransportKind::Rdma;
+        match wants_rdma(&off).unwrap_err() {
+            Error::Invalid(m) if feature => assert!(m.contains("enabled = false"), "{m}"),
+            Error::Unsupported(m) if !feature => assert!(m.contains("without the rdma feature")),
+            e => panic!("{e}"),
+        }
+        let mut zero = cfg(TransportKind::Auto);
+        zero.rdma.qps_per_nic_pair = 0;
+        assert_eq!(matches!(wants_rdma(&zero), Err(Error::Invalid(_))), feature);
+        zero.rdma.enabled = false;
+        // Disabled settings are not checked.
+        assert!(!wants_rdma(&zero).unwrap());
+    }
+
+    /// An explicit `rdma` without a usable NIC fails with the reason; in a
+    /// build without the feature it says so.
+    #[test]
+    fn explicit_rdma_without_devices_is_a_clear_error() {
+        let r = Engine::new(cfg(TransportKind::Rdma));
+        if cfg!(feature = "rdma") {
+            match r {
+                Err(e) => {
+                    let s = e.to_string();
+                    assert!(s.contains("transport rdma") && s.contains("RDMA"), "{s}");
+                    assert_eq!(e.kind(), ErrorKind::Unreachable);
+                }
+                // A machine with an RDMA NIC opens it.
+                Ok(e) => assert!(e.descriptor().rdma.is_some()),
+            }
+        } else {
+            let e = r.unwrap_err();
+            assert!(
+                e.to_string().contains("built without the rdma feature"),
+                "{e}"
+            );
+        }
+    }
+
+    /// `Auto` without RDMA devices starts without RDMA, and tcp and shm
+    /// round trips work exactly as before (run with and without the
+    /// feature).
+    #[test]
+    fn auto_without_rdma_devices_still_moves_bytes_over_tcp_and_shm() {
+        let target = Engine::new(cfg(TransportKind::Auto)).unwrap();
+        let e = Engine::new(cfg(TransportKind::Auto)).unwrap();
+        let rdma_here = e.descriptor().rdma.is_some();
+        if !rdma_here {
+            assert!(!e.rdma_up());
+        }
+        let served = target.alloc(1 << 20, MemoryKind::Host).unwrap();
+        served.fill(0, 1 << 20, 0x5a).unwrap();
+        let desc = served.desc();
+        assert_eq!(desc.rdma.is_some(), rdma_here);
+        // Through the versioned encoding, as peers receive it.
+        let desc = RegionDesc::from_bytes(&desc.to_bytes()).unwrap();
+        for t in [TransportKind::Tcp, TransportKind::Shm] {
+            let e = Engine::new(cfg(t)).unwrap();
+            let local = e.alloc(1 << 20, MemoryKind::Host).unwrap();
+            let remote = e.import(&desc);
+            let st = e
+                .submit(
+                    &[Op::read(local.id(), 0, remote, 0, 1 << 20)],
+                    BatchOptions {
+                        notify: Some(b"landed".to_vec()),
+                        ..BatchOptions::default()
+                    },
+                )
+                .unwrap()
+                .wait_blocking(Duration::from_secs(10))
+                .unwrap();
+            assert_eq!(st.result, Ok(()), "{t:?}");
+            assert_eq!(st.bytes, 1 << 20);
+            let mut out = vec![0u8; 1 << 20];
+            local.read_at(0, &mut out).unwrap();
+            assert!(out.iter().all(|&b| b == 0x5a), "{t:?}");
+            let n = target
+                .recv_notification_timeout(Duration::from_secs(5))
+                .unwrap();
+            assert_eq!(n.data, b"landed");
+        }
+        // Auto picks shm for the engine-allocated region on this host.
+        let local = e.alloc(4096, MemoryKind::Host).unwrap();
+        let remote = e.import(&desc);
+        let peer = e.peer(remote.peer).unwrap();
+        let op = Op::write(local.id(), 0, remote, 0, 4096);
+        let route = e.route(&peer, remote.peer, &op, &local.inner).unwrap();
+        assert!(route == Route::Shm(remote.peer));
+        target.deregister(&served, Duration::from_secs(1)).unwrap();
     }
 }

@@ -21,8 +21,21 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Transports: `tcp` everywhere, `shm` between processes of one host
-//! (engine-allocated memory is memfd-backed and mapped by the initiator).
+//! Transports, chosen per peer pair and region, fastest first (see
+//! [`TransportKind::Auto`]):
+//!
+//! - `cuda-ipc`: GPU regions of an engine on the same machine, copied
+//!   device to device through CUDA IPC mappings;
+//! - `shm`: same host, engine-allocated host memory (memfd-backed, mapped
+//!   by the initiator and copied one-sidedly);
+//! - `rdma` (cargo feature `rdma`): ibverbs RC queue pairs, one-sided READ
+//!   and WRITE against the peer's registered regions, host memory and GPU
+//!   memory through nvidia-peermem; used when both engines run RDMA and the
+//!   region carries rkeys. It has not run on RDMA hardware yet
+//!   (`gpu/RDMA.md`);
+//! - `tcp`: everywhere; also the control channel of every peer pair (RPC
+//!   calls, notifications not carried by the data path, RDMA connection
+//!   set-up and notification credits).
 
 mod batch;
 pub mod cuda;
@@ -39,6 +52,10 @@ pub mod plan;
 mod rawio;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+#[cfg(feature = "rdma")]
+mod rdma_link;
+pub mod rdma_wire;
+mod route;
 mod shm;
 mod tcp;
 mod wire;
@@ -47,8 +64,11 @@ pub mod size;
 
 pub use batch::{Batch, BatchId, BatchOptions, BatchStatus, Op, OpKind, OpStatus, RemoteRegion};
 pub use desc::{local_host_id, machine_id, EngineId, PeerDesc, DESC_VERSION};
-pub use engine::{Engine, EngineConfig, Notification, PeerId, RpcHandler, TransportKind};
+pub use engine::{
+    Engine, EngineConfig, Notification, PeerId, RdmaSettings, RpcHandler, TransportKind,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{GpuRegionDesc, MemoryKind, Region, RegionDesc, RegionId};
+pub use rdma_wire::{RdmaPeerDesc, RdmaRegionDesc};
 pub use tcp::MAX_SLICE_BYTES;
 pub use wire::{MAX_CALL_BYTES, MAX_NOTIFY_BYTES};

@@ -11,6 +11,10 @@
 //! as a tensor) plus its CUDA IPC export, so a same-host peer can open it
 //! (`cuda-ipc`); other transports stage GPU bytes through pinned host memory.
 //!
+//! A region registered with NICs carries that registration as an opaque
+//! [`NicRegistration`] (dropped before the memory goes) plus the
+//! descriptor part peers need; the registering transport lives elsewhere.
+//!
 //! This module must not depend on any transport.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -83,6 +87,25 @@ pub(crate) struct RegionInner {
     locked: bool,
     /// Operations currently using the memory (see [`InUse`]).
     inflight: std::sync::atomic::AtomicUsize,
+    /// The region's NIC registration while it has one (RDMA).
+    nic: parking_lot::Mutex<Option<NicRegistration>>,
+}
+
+/// A registration of a region's memory with a transport that addresses it
+/// by key (RDMA memory regions): the descriptor part peers need and the
+/// transport's own handle, released when the registration is dropped.
+pub(crate) struct NicRegistration {
+    pub(crate) desc: crate::rdma_wire::RdmaRegionDesc,
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) handle: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for NicRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NicRegistration")
+            .field("desc", &self.desc)
+            .finish_non_exhaustive()
+    }
 }
 
 // SAFETY: `ptr` points to memory that this value keeps alive (memfd mapping)
@@ -135,6 +158,7 @@ impl RegionInner {
             backing: Backing::Memfd { fd },
             locked: false,
             inflight: Default::default(),
+            nic: Default::default(),
         };
         if kind == MemoryKind::HostPinned {
             inner.lock()?;
@@ -164,6 +188,7 @@ impl RegionInner {
             },
             locked: false,
             inflight: Default::default(),
+            nic: Default::default(),
         })
     }
 
@@ -222,6 +247,7 @@ impl RegionInner {
             },
             locked: false,
             inflight: Default::default(),
+            nic: Default::default(),
         })
     }
 
@@ -248,6 +274,7 @@ impl RegionInner {
             backing: Backing::External,
             locked: false,
             inflight: Default::default(),
+            nic: Default::default(),
         };
         if kind == MemoryKind::HostPinned {
             inner.lock()?;
@@ -318,6 +345,23 @@ impl RegionInner {
 }
 
 impl RegionInner {
+    /// Attaches a NIC registration (before the region is shared).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn set_nic(&mut self, r: NicRegistration) {
+        *self.nic.get_mut() = Some(r);
+    }
+
+    /// Drops the NIC registration: peers' keys stop working. Called once no
+    /// operation uses the region any more.
+    pub(crate) fn release_nic(&self) {
+        drop(self.nic.lock().take());
+    }
+
+    /// Runs `f` on the NIC registration, if any.
+    pub(crate) fn with_nic<T>(&self, f: impl FnOnce(&NicRegistration) -> T) -> Option<T> {
+        self.nic.lock().as_ref().map(f)
+    }
+
     /// Operations currently using the memory.
     pub(crate) fn inflight(&self) -> usize {
         self.inflight.load(std::sync::atomic::Ordering::SeqCst)
@@ -353,6 +397,8 @@ impl Drop for InUse {
 
 impl Drop for RegionInner {
     fn drop(&mut self) {
+        // NICs stop addressing the memory before it is unlocked or unmapped.
+        drop(self.nic.get_mut().take());
         if self.locked {
             // SAFETY: the range was locked by us and is still mapped.
             unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len as usize) };
@@ -460,6 +506,7 @@ impl Region {
             kind: self.inner.kind,
             shareable: self.is_shareable(),
             gpu: self.inner.gpu_desc(),
+            rdma: self.inner.with_nic(|n| n.desc.clone()),
         }
     }
 
@@ -609,16 +656,30 @@ pub struct RegionDesc {
     pub shareable: bool,
     /// CUDA IPC reachability of a GPU region (`None` for host memory).
     pub gpu: Option<GpuRegionDesc>,
+    /// RDMA keys of the region (`None` where the owner runs without RDMA
+    /// or could not register the region with its NICs).
+    pub rdma: Option<crate::rdma_wire::RdmaRegionDesc>,
 }
 
 /// The layout of descriptor version 1 (before GPU regions had IPC fields).
 #[derive(Deserialize)]
 struct RegionDescV1 {
-    peer: PeerDesc,
+    peer: crate::desc::PeerDescV2,
     region: RegionId,
     len: u64,
     kind: MemoryKind,
     shareable: bool,
+}
+
+/// The layout of descriptor version 2 (before RDMA keys).
+#[derive(Serialize, Deserialize)]
+struct RegionDescV2 {
+    peer: crate::desc::PeerDescV2,
+    region: RegionId,
+    len: u64,
+    kind: MemoryKind,
+    shareable: bool,
+    gpu: Option<GpuRegionDesc>,
 }
 
 impl RegionDesc {
@@ -628,20 +689,34 @@ impl RegionDesc {
     }
 
     /// Decodes [`RegionDesc::to_bytes`] output of this or an earlier
-    /// version (version 1 descriptors carry no GPU reachability); rejects
-    /// other versions with the version in the message.
+    /// version (version 1 descriptors carry no GPU reachability, versions 1
+    /// and 2 no RDMA keys); rejects other versions with the version in the
+    /// message.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let (version, body) = crate::desc::split_versioned(b)?;
         match version {
             1 => {
                 let v: RegionDescV1 = crate::desc::decode_body(body)?;
                 Ok(RegionDesc {
-                    peer: v.peer,
+                    peer: v.peer.into(),
                     region: v.region,
                     len: v.len,
                     kind: v.kind,
                     shareable: v.shareable,
                     gpu: None,
+                    rdma: None,
+                })
+            }
+            2 => {
+                let v: RegionDescV2 = crate::desc::decode_body(body)?;
+                Ok(RegionDesc {
+                    peer: v.peer.into(),
+                    region: v.region,
+                    len: v.len,
+                    kind: v.kind,
+                    shareable: v.shareable,
+                    gpu: v.gpu,
+                    rdma: None,
                 })
             }
             crate::desc::DESC_VERSION => crate::desc::decode_body(body),
@@ -690,6 +765,7 @@ mod tests {
             shm: None,
             tcp_conns: 2,
             secret: [5; 32],
+            rdma: None,
         }
     }
 
@@ -709,6 +785,7 @@ mod tests {
                 ipc_offset: 4096,
                 addr: 0x7f00_0000_1000,
             }),
+            rdma: None,
         };
         let b = d.to_bytes();
         assert_eq!(u16::from_le_bytes([b[2], b[3]]), crate::DESC_VERSION);
@@ -726,14 +803,15 @@ mod tests {
     fn version_1_region_desc_decodes_without_gpu_info() {
         #[derive(Serialize)]
         struct V1 {
-            peer: PeerDesc,
+            peer: crate::desc::PeerDescV2,
             region: RegionId,
             len: u64,
             kind: MemoryKind,
             shareable: bool,
         }
+        let old_peer = crate::desc::tests::encode_v2(&peer());
         let v1 = V1 {
-            peer: peer(),
+            peer: postcard::from_bytes(&old_peer[4..]).unwrap(),
             region: 4,
             len: 4096,
             kind: MemoryKind::Shm,
@@ -749,6 +827,56 @@ mod tests {
         );
         assert_eq!(d.gpu, None);
         assert_eq!(d.peer, peer());
+    }
+
+    fn rdma_region(peer: PeerDesc) -> RegionDesc {
+        RegionDesc {
+            peer,
+            region: 11,
+            len: 1 << 20,
+            kind: MemoryKind::Host,
+            shareable: true,
+            gpu: None,
+            rdma: Some(crate::rdma_wire::RdmaRegionDesc {
+                addr: 0x7000_0000,
+                len: 1 << 20,
+                rkeys: vec![0x1234, 0x5678],
+            }),
+        }
+    }
+
+    #[test]
+    fn rdma_keys_round_trip_and_version_2_decodes_without_them() {
+        let d = rdma_region(peer());
+        let b = d.to_bytes();
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]), 3);
+        assert_eq!(RegionDesc::from_bytes(&b).unwrap(), d);
+        // A version-2 descriptor (builds before RDMA): same fields, no keys.
+        let old_peer = crate::desc::tests::encode_v2(&d.peer);
+        let v2 = RegionDescV2 {
+            peer: postcard::from_bytes(&old_peer[4..]).unwrap(),
+            region: d.region,
+            len: d.len,
+            kind: d.kind,
+            shareable: d.shareable,
+            gpu: Some(GpuRegionDesc {
+                device: 1,
+                host_id: "h".into(),
+                pid: 3,
+                ipc_handle: vec![1; 64],
+                ipc_offset: 0,
+                addr: 4096,
+            }),
+        };
+        let mut b2 = b"KM".to_vec();
+        b2.extend_from_slice(&2u16.to_le_bytes());
+        b2.extend_from_slice(&postcard::to_allocvec(&v2).unwrap());
+        let got = RegionDesc::from_bytes(&b2).unwrap();
+        assert_eq!(got.rdma, None);
+        assert_eq!(got.peer.rdma, None);
+        assert_eq!(got.peer, d.peer);
+        assert_eq!(got.gpu.map(|g| g.pid), Some(3));
+        assert_eq!((got.region, got.len), (d.region, d.len));
     }
 
     #[test]

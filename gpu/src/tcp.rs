@@ -73,7 +73,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
+async fn serve_conn(s: &TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
     let peer = tokio::time::timeout(
         shared.cfg.handshake_timeout,
         handshake::server(s, CHANNEL_TCP, &shared.desc),
@@ -260,6 +260,28 @@ async fn serve_conn(s: &TcpStream, shared: &Shared) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("call reply: {e}"))?;
             }
+            wire::OP_CONTROL => {
+                if len > wire::MAX_CALL_BYTES {
+                    return Err(format!(
+                        "control message of {len} bytes exceeds {}",
+                        wire::MAX_CALL_BYTES
+                    ));
+                }
+                let mut data = vec![0u8; len as usize];
+                read_exact(s, &mut data)
+                    .await
+                    .map_err(|e| format!("control payload: {e}"))?;
+                let (status, reply) = shared.answer_control(peer, &data).await;
+                let rh = RespHeader::new(wire::OP_CONTROL, status, id, reply.len() as u64);
+                let parts = [
+                    (rh.as_bytes().as_ptr() as usize, 24usize),
+                    (reply.as_ptr() as usize, reply.len()),
+                ];
+                // SAFETY: both buffers live on this frame for the call.
+                unsafe { write_all_raw(s, &parts) }
+                    .await
+                    .map_err(|e| format!("control reply: {e}"))?;
+            }
             wire::OP_PING => respond(s, wire::OP_PING, 0, id, 0).await?,
             op => return Err(format!("unknown opcode {op}")),
         }
@@ -291,6 +313,12 @@ pub(crate) enum LaneJob {
         data: Vec<u8>,
         done: oneshot::Sender<Result<Vec<u8>, ErrorKind>>,
     },
+    /// An engine control message (`OP_CONTROL`); answered like `Call`.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    Control {
+        data: Vec<u8>,
+        done: oneshot::Sender<Result<Vec<u8>, ErrorKind>>,
+    },
 }
 
 enum InFlight {
@@ -310,6 +338,8 @@ enum InFlight {
     },
     Call {
         id: u64,
+        /// `OP_CALL` or `OP_CONTROL`: the answer must carry the same.
+        op: u8,
         done: oneshot::Sender<Result<Vec<u8>, ErrorKind>>,
     },
 }
@@ -600,7 +630,7 @@ impl Lane {
                 }
                 Ok(())
             }
-            LaneJob::Notify { .. } | LaneJob::Call { .. } => {
+            LaneJob::Notify { .. } | LaneJob::Call { .. } | LaneJob::Control { .. } => {
                 let id = *next_id;
                 *next_id += 1;
                 let (op, data, entry) = match job {
@@ -608,7 +638,12 @@ impl Lane {
                         (wire::OP_NOTIFY, data, InFlight::Notify { id, done })
                     }
                     LaneJob::Call { data, done } => {
-                        (wire::OP_CALL, data, InFlight::Call { id, done })
+                        let op = wire::OP_CALL;
+                        (op, data, InFlight::Call { id, op, done })
+                    }
+                    LaneJob::Control { data, done } => {
+                        let op = wire::OP_CONTROL;
+                        (op, data, InFlight::Call { id, op, done })
                     }
                     LaneJob::Slices { .. } => unreachable!("matched above"),
                 };
@@ -646,7 +681,7 @@ fn fail_job(job: LaneJob, k: ErrorKind) {
         LaneJob::Notify { done, .. } => {
             let _ = done.send(Err(k));
         }
-        LaneJob::Call { done, .. } => {
+        LaneJob::Call { done, .. } | LaneJob::Control { done, .. } => {
             let _ = done.send(Err(k));
         }
     }
@@ -719,9 +754,9 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
                 }
                 let _ = done.send(status.map_or(Ok(()), Err));
             }
-            InFlight::Call { id, done } => {
+            InFlight::Call { id, op, done } => {
                 let len = h.len.get();
-                if h.id.get() != id || h.op != wire::OP_CALL || len > wire::MAX_CALL_BYTES {
+                if h.id.get() != id || h.op != op || len > wire::MAX_CALL_BYTES {
                     let _ = done.send(Err(ErrorKind::Protocol));
                     return ErrorKind::Protocol;
                 }

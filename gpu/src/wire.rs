@@ -39,6 +39,10 @@ pub const OP_REVOKE_ACK: u8 = 6;
 pub const OP_CALL: u8 = 7;
 /// Always answered; acknowledges every earlier write on the connection.
 pub const OP_PING: u8 = 8;
+/// Engine-to-engine control message (RDMA connection set-up, notification
+/// credits), answered like `OP_CALL`. Only sent to engines whose descriptor
+/// advertises RDMA; answered `Unreachable` by engines running without it.
+pub const OP_CONTROL: u8 = 9;
 
 /// `ReqHeader::flags` of `OP_WRITE`: answer this write even when it succeeds.
 /// Successful writes without it are acknowledged by the next answer on the

@@ -396,6 +396,7 @@ fn run_calls(a: &Args, engine: &Engine, peer: kvmesh_gpu::PeerId) -> Result<()> 
         kind: MemoryKind::Host,
         shareable: true,
         gpu: None,
+        rdma: None,
     };
     let a1 = Args {
         batch_size: 1,
@@ -473,6 +474,9 @@ fn report(
     let same_host = desc.peer.host_id == engine.descriptor().host_id;
     let transport = match a.transport.parse::<TransportKind>()? {
         TransportKind::Auto if same_host && desc.shareable => "shm (auto)".to_string(),
+        TransportKind::Auto if desc.rdma.is_some() && engine.descriptor().rdma.is_some() => {
+            "rdma (auto)".to_string()
+        }
         TransportKind::Auto => "tcp (auto)".to_string(),
         t => format!("{t:?}").to_lowercase(),
     };

@@ -998,6 +998,9 @@ mod tests {
             return; // a real NCCL is loaded here
         }
         let dir = std::env::temp_dir().join(format!("kvmesh-nccl-probe-{}", std::process::id()));
+        // A left-over folder of an earlier run with the same pid would hold
+        // the link already.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let src = dir.join("stand_in.c");
         std::fs::write(&src, "int kvmesh_stand_in(void) { return 0; }\n").unwrap();

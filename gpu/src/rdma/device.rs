@@ -11,14 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{RdmaError, Result};
 use super::verbs;
 
-/// Link layer of a port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum LinkLayer {
-    /// InfiniBand: addressed by LID inside a subnet, GID across subnets.
-    Infiniband,
-    /// Ethernet (RoCE): always addressed by GID.
-    Ethernet,
-}
+pub use crate::rdma_wire::{LinkLayer, Mtu};
 
 impl LinkLayer {
     /// From `ibv_port_attr.link_layer` (0 "unspecified" means InfiniBand by
@@ -85,21 +78,6 @@ impl GidInfo {
     pub fn is_zero(&self) -> bool {
         self.gid.iter().all(|&b| b == 0)
     }
-}
-
-/// MTU of an RDMA path (the verbs enum, not bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Mtu {
-    /// 256 bytes.
-    M256 = 1,
-    /// 512 bytes.
-    M512 = 2,
-    /// 1024 bytes.
-    M1024 = 3,
-    /// 2048 bytes.
-    M2048 = 4,
-    /// 4096 bytes.
-    M4096 = 5,
 }
 
 impl Mtu {

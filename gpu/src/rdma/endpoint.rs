@@ -13,31 +13,10 @@
 //! connection, connect for the first time, ignore a stale descriptor, or tear
 //! down and reconnect because the peer restarted.
 
-use serde::{Deserialize, Serialize};
-
-use super::device::{LinkLayer, LocalPath, Mtu};
+use super::device::{LinkLayer, LocalPath};
 use super::error::{RdmaError, Result};
-use super::notify::NotifyRingDesc;
 
-/// Version of the RDMA descriptor and connect messages.
-pub const RDMA_DESC_VERSION: u16 = 1;
-
-/// One NIC of a peer, as published in its descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NicDesc {
-    /// Kernel device name on the peer.
-    pub name: String,
-    /// Port used.
-    pub port_num: u8,
-    /// Link layer.
-    pub link_layer: LinkLayer,
-    /// LID (InfiniBand; 0 on RoCE).
-    pub lid: u16,
-    /// GID used as source by the peer.
-    pub gid: [u8; 16],
-    /// Active MTU.
-    pub mtu: Mtu,
-}
+pub use crate::rdma_wire::{ConnectInfo, NicDesc, QpEndpoint, RdmaPeerDesc, RDMA_DESC_VERSION};
 
 impl NicDesc {
     /// The published form of a local path.
@@ -51,40 +30,6 @@ impl NicDesc {
             mtu: p.mtu,
         }
     }
-}
-
-/// The RDMA part of an engine's peer descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RdmaPeerDesc {
-    /// [`RDMA_DESC_VERSION`].
-    pub version: u16,
-    /// Changes every time the peer process starts (random or a start
-    /// timestamp); a larger value than the one connected to means the peer
-    /// restarted and every queue pair to it is dead.
-    pub incarnation: u64,
-    /// NICs of the peer, in the peer's order.
-    pub nics: Vec<NicDesc>,
-}
-
-/// Addressing of one RC queue pair, exchanged in the handshake.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QpEndpoint {
-    /// NIC the queue pair lives on.
-    pub nic: String,
-    /// Port.
-    pub port_num: u8,
-    /// Link layer of that port.
-    pub link_layer: LinkLayer,
-    /// LID (InfiniBand).
-    pub lid: u16,
-    /// GID, network byte order.
-    pub gid: [u8; 16],
-    /// Queue pair number (24 bits).
-    pub qpn: u32,
-    /// Initial packet sequence number (24 bits) of the QP's send queue.
-    pub psn: u32,
-    /// MTU the owner can do on this path.
-    pub mtu: Mtu,
 }
 
 impl QpEndpoint {
@@ -115,20 +60,6 @@ impl QpEndpoint {
         }
         Ok(())
     }
-}
-
-/// The per-peer connect message: the sender's queue pairs for this peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConnectInfo {
-    /// [`RDMA_DESC_VERSION`].
-    pub version: u16,
-    /// Incarnation of the sender.
-    pub incarnation: u64,
-    /// Queue pairs; entry `i` pairs with the receiver's entry `i`.
-    pub qps: Vec<QpEndpoint>,
-    /// The sender's notification ring, which the receiver of this message
-    /// writes its notifications into.
-    pub notify_ring: Option<NotifyRingDesc>,
 }
 
 impl ConnectInfo {
@@ -257,6 +188,7 @@ pub fn reconnect_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rdma_wire::{Mtu, NotifyRingDesc};
 
     fn path(nic: &str, ll: LinkLayer) -> LocalPath {
         LocalPath {

@@ -16,22 +16,9 @@
 //! never has more than `slots` notifications unconsumed (credits), so it
 //! never overwrites a slot the receiver has not read.
 
-use serde::{Deserialize, Serialize};
-
 use super::error::{RdmaError, Result};
 
-/// Where a receiver's notification ring is, published in the connect info.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NotifyRingDesc {
-    /// Address of slot 0.
-    pub addr: u64,
-    /// rkey per receiver NIC (index in its descriptor).
-    pub rkeys: Vec<u32>,
-    /// Number of slots (a power of two is not required).
-    pub slots: u32,
-    /// Bytes per slot (the largest payload).
-    pub slot_bytes: u32,
-}
+pub use crate::rdma_wire::NotifyRingDesc;
 
 impl NotifyRingDesc {
     /// Address of the slot carrying `seq`.

@@ -38,6 +38,8 @@ use super::qp::{
     access, connect_sequence, init_attrs, psn_from_random, state_only_attrs, QpConfig, QpState,
     QpStateMachine,
 };
+pub use crate::rdma_wire::RdmaRegionDesc;
+
 use super::verbs::{
     CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpCaps, QueuePair, SendOp,
     SendRequest,
@@ -144,18 +146,6 @@ pub struct RdmaRegion {
     base: u64,
     len: u64,
     mrs: Vec<MemoryRegion>,
-}
-
-/// What a peer needs to address an [`RdmaRegion`]: goes into the engine's
-/// `RegionDesc`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RdmaRegionDesc {
-    /// Address (IOVA) of byte 0.
-    pub addr: u64,
-    /// Length.
-    pub len: u64,
-    /// rkey per NIC, in the order of the owner's [`RdmaPeerDesc::nics`].
-    pub rkeys: Vec<u32>,
 }
 
 impl RdmaRegion {
