@@ -55,6 +55,7 @@ pub struct Metrics {
     pub misses: AtomicU64,
     pub get_failovers: AtomicU64,
     pub local_reads: AtomicU64,
+    pub inline_reads: AtomicU64,
     pub checksum_failures: AtomicU64,
     pub evictions: AtomicU64,
     pub spills: AtomicU64,
@@ -145,6 +146,13 @@ impl Metrics {
             "Gets served from a same-host holder's location table, with no round trip.",
             "counter",
             &self.local_reads,
+        );
+        c(
+            &mut o,
+            "kvmesh_inline_reads_total",
+            "Gets whose bytes came inside the lease reply (small objects, no shm).",
+            "counter",
+            &self.inline_reads,
         );
         c(
             &mut o,

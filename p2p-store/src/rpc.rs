@@ -62,6 +62,9 @@ pub enum Request {
         duration_ms: u64,
         /// Leases of the same owner to end first (deferred releases).
         release: Vec<u64>,
+        /// For a single key: objects up to this many bytes come back inside
+        /// the reply ([`Response::Inline`]) instead of as a lease (0: never).
+        inline_max: u32,
     },
     /// End leases (batched).
     Release { leases: Vec<u64> },
@@ -124,6 +127,12 @@ pub enum Response {
     Leases(Vec<Result<Grant, ErrorKind>>),
     Flags(Vec<bool>),
     Stat(HolderStat),
+    /// A small object's bytes, copied under a lease that already ended.
+    Inline {
+        grant: Grant,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// A location table: its region descriptor (empty: none) and buckets.
     LocationTable {
         desc: Vec<u8>,
@@ -244,6 +253,7 @@ mod tests {
             keys: vec![ObjectKey::for_content(b"a")],
             duration_ms: 5,
             release: vec![7, 9],
+            inline_max: 4096,
         };
         let b = encode(&r);
         assert_eq!(decode::<Request>(&b).unwrap(), r);

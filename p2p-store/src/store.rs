@@ -209,6 +209,22 @@ pub struct StoreStats {
     pub announces_received: u64,
 }
 
+/// What a get's lease request brought back.
+enum Got {
+    /// A lease: read the bytes with the engine, then release.
+    Lease(Leased),
+    /// A small object's bytes, inside the reply (no lease left open).
+    Bytes {
+        holder: PeerId,
+        checksum: Checksum,
+        bytes: Vec<u8>,
+    },
+}
+
+/// Largest object a get over a link without `shm` asks to receive inside
+/// the lease reply: one round trip instead of a lease, a READ and a release.
+const INLINE_MAX: u64 = 256 << 10;
+
 /// A lease on one object at one holder, from [`Store::lease_many`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leased {
@@ -1134,6 +1150,7 @@ impl Store {
                 keys,
                 duration_ms,
                 release,
+                inline_max,
             } => {
                 if !release.is_empty() {
                     let mut h = holder.lock();
@@ -1142,6 +1159,12 @@ impl Store {
                     }
                 }
                 let d = Duration::from_millis(duration_ms);
+                if let ([key], true) = (keys.as_slice(), inline_max > 0) {
+                    return match self.lease_local(now, &owner, key, d) {
+                        Ok(g) if g.len <= u64::from(inline_max) => self.inline_reply(&owner, g),
+                        r => Response::Leases(vec![r]),
+                    };
+                }
                 Response::Leases(
                     keys.iter()
                         .map(|k| self.lease_local(now, &owner, k, d))
@@ -1218,6 +1241,27 @@ impl Store {
     }
 
     /// Leases `key` here, promoting it from the SSD tier first if needed.
+    /// The bytes of a just-granted small object as a reply; the lease ends
+    /// once they are copied.
+    fn inline_reply(&self, owner: &PeerId, g: Grant) -> Response {
+        let Some(pool) = &self.inner.pool else {
+            return Response::Leases(vec![Ok(g)]);
+        };
+        // SAFETY: the lease keeps the object's bytes in place and unchanged
+        // (nothing frees or rewrites a leased allocation) until released below.
+        let bytes = unsafe { pool.slice(g.offset, g.len) }.map(|b| b.to_vec());
+        if let Some(h) = &self.inner.holder {
+            let _ = h.lock().release(owner, LeaseId(g.lease));
+        }
+        match bytes {
+            Ok(bytes) => Response::Inline { grant: g, bytes },
+            Err(e) => Response::Error {
+                kind: ErrorKind::Internal,
+                message: format!("pool: {e}"),
+            },
+        }
+    }
+
     fn lease_local(
         &self,
         now: Instant,
@@ -1661,6 +1705,7 @@ impl Store {
                                     keys: ks,
                                     duration_ms: duration.as_millis() as u64,
                                     release: self.take_pending_release(&peer),
+                                    inline_max: 0,
                                 },
                             )
                             .await
@@ -1845,9 +1890,53 @@ impl Store {
         let mut tried: HashSet<PeerId> = HashSet::new();
         let mut damaged: Option<(PeerId, String)> = None;
         let mut last_err = None;
+        let inline_max = match dest {
+            Dest::Region(_, _, room) => room.min(INLINE_MAX),
+            Dest::Vec => INLINE_MAX,
+        };
         for _attempt in 0..MAX_GET_ATTEMPTS {
-            let Some(l) = self.lease_for_get(&key, &tried, &mut damaged).await else {
+            let Some(got) = self
+                .lease_for_get(&key, &tried, &mut damaged, inline_max)
+                .await
+            else {
                 break;
+            };
+            let l = match got {
+                Got::Lease(l) => l,
+                Got::Bytes {
+                    holder,
+                    checksum,
+                    bytes,
+                } => {
+                    tried.insert(holder.clone());
+                    if !checksum.matches(&bytes) {
+                        m.checksum_failures.fetch_add(1, Relaxed);
+                        tracing::warn!(%key, %holder, "inline bytes failed their checksum, trying another replica");
+                        m.get_failovers.fetch_add(1, Relaxed);
+                        self.inner.loc_cache.lock().remove(&key);
+                        last_err = Some(Error::ChecksumMismatch {
+                            expected: checksum,
+                            actual: Checksum::compute(&bytes),
+                        });
+                        continue;
+                    }
+                    let len = bytes.len() as u64;
+                    let v = match dest {
+                        Dest::Region(region, off, _) => {
+                            region
+                                .write_at(off, &bytes)
+                                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                            None
+                        }
+                        Dest::Vec => Some(bytes),
+                    };
+                    self.inner.loc_cache_insert(key, holder);
+                    m.hits.fetch_add(1, Relaxed);
+                    m.inline_reads.fetch_add(1, Relaxed);
+                    m.get_bytes.fetch_add(len, Relaxed);
+                    m.get_latency.observe(t0.elapsed());
+                    return Ok(Some((len, v)));
+                }
             };
             tried.insert(l.holder.clone());
             let r = match dest {
@@ -2046,7 +2135,8 @@ impl Store {
         key: &ObjectKey,
         skip: &HashSet<PeerId>,
         damaged: &mut Option<(PeerId, String)>,
-    ) -> Option<Leased> {
+        inline_max: u64,
+    ) -> Option<Got> {
         let mut asked: HashSet<PeerId> = skip.clone();
         let first: Vec<PeerId> = self
             .lookup_order(key)
@@ -2056,7 +2146,7 @@ impl Store {
             .collect();
         for p in first {
             asked.insert(p.clone());
-            if let Some(l) = self.lease_at(&p, key, damaged).await {
+            if let Some(l) = self.lease_at(&p, key, damaged, inline_max).await {
                 return Some(l);
             }
         }
@@ -2068,7 +2158,7 @@ impl Store {
             .take(3)
             .collect();
         for p in more {
-            if let Some(l) = self.lease_at(&p, key, damaged).await {
+            if let Some(l) = self.lease_at(&p, key, damaged, inline_max).await {
                 return Some(l);
             }
         }
@@ -2080,21 +2170,34 @@ impl Store {
         peer: &PeerId,
         key: &ObjectKey,
         damaged: &mut Option<(PeerId, String)>,
-    ) -> Option<Leased> {
+        inline_max: u64,
+    ) -> Option<Got> {
         let link = self.link_of(peer).ok()?;
+        // Over shm the engine READ is a memcpy: cheaper than bytes in a reply.
+        let inline_max = if link.same_host_shm { 0 } else { inline_max };
         let req = Request::Lease {
             keys: vec![*key],
             duration_ms: self.inner.cfg.lease.as_millis() as u64,
             release: self.take_pending_release(peer),
+            inline_max: u32::try_from(inline_max).unwrap_or(u32::MAX),
         };
         match self.call(&link, &req).await {
+            Ok(Response::Inline { grant, bytes })
+                if inline_max > 0 && bytes.len() as u64 == grant.len =>
+            {
+                Some(Got::Bytes {
+                    holder: peer.clone(),
+                    checksum: grant.checksum,
+                    bytes,
+                })
+            }
             Ok(Response::Leases(mut g)) => match g.pop() {
-                Some(Ok(g)) => Some(Leased {
+                Some(Ok(g)) => Some(Got::Lease(Leased {
                     key: *key,
                     holder: peer.clone(),
                     len: g.len,
                     grant: g,
-                }),
+                })),
                 Some(Err(ErrorKind::Integrity)) => {
                     *damaged = Some((peer.clone(), "its stored file failed its checks".into()));
                     None

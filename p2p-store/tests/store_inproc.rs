@@ -382,3 +382,61 @@ async fn same_host_gets_use_the_location_table_and_never_serve_stale_bytes() {
         s.shutdown().await;
     }
 }
+
+/// Over tcp, small objects come back inside the lease reply (one round
+/// trip, the lease already ended), larger ones through a lease and an
+/// engine READ; both give the bytes that were put, into a vector or a
+/// registered region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_objects_come_inside_the_reply_over_tcp() {
+    init_tracing();
+    let tcp = |mem, boot| {
+        let mut c = config(mem, boot);
+        c.engine.transport = kvmesh_gpu::TransportKind::Tcp;
+        c
+    };
+    let holder = Store::start(tcp(16 << 20, Vec::new())).await.unwrap();
+    let client = Store::start(tcp(0, vec![addr(&holder).await]))
+        .await
+        .unwrap();
+    client
+        .wait_for_members(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let inline = || client.metrics().inline_reads.load(Relaxed);
+    let sizes = [1usize, 4096, 64 << 10, 256 << 10, (256 << 10) + 1, 1 << 20];
+    for (i, &n) in sizes.iter().enumerate() {
+        let k = key(&format!("inline-{i}"));
+        client
+            .put(k, &payload(i as u64, n), PutOptions::default())
+            .await
+            .unwrap();
+        let before = inline();
+        assert_eq!(
+            client.get(k).await.unwrap(),
+            Some(payload(i as u64, n)),
+            "{n} B"
+        );
+        assert_eq!(inline() - before, u64::from(n <= 256 << 10), "{n} B");
+        // Into a registered region too, with room to spare.
+        let r = client
+            .engine()
+            .alloc(2 << 20, kvmesh_gpu::MemoryKind::Host)
+            .unwrap();
+        assert_eq!(
+            client.get_into(k, &r, 3, 2 << 20).await.unwrap(),
+            Some(n as u64)
+        );
+        let mut back = vec![0u8; n];
+        r.read_at(3, &mut back).unwrap();
+        assert_eq!(back, payload(i as u64, n), "{n} B into a region");
+    }
+    // Inline replies leave no lease behind.
+    until("leases end", Duration::from_secs(5), || {
+        holder.stats().leases == 0
+    })
+    .await;
+    for s in [&client, &holder] {
+        s.shutdown().await;
+    }
+}
