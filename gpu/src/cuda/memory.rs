@@ -53,8 +53,14 @@ impl AccessEvents {
         Ok(())
     }
 
-    fn sync_on_drop(&self, what: &str) {
+    /// The end of a buffer's life: waits for its recorded GPU work, then
+    /// releases it with `free` on `dev`'s context; failures are recorded
+    /// for [`super::take_drop_errors`], never panicked.
+    fn release(&self, dev: &GpuDevice, what: &str, free: impl FnOnce() -> Result<()>) {
         if let Err(e) = self.synchronize() {
+            record_drop_error(&format!("{what} (waiting for its work)"), e);
+        }
+        if let Err(e) = dev.bind().and_then(|()| free()) {
             record_drop_error(what, e);
         }
     }
@@ -81,6 +87,23 @@ pub trait GpuMemory: Send + Sync {
             }),
         }
     }
+}
+
+/// `GpuMemory` for a buffer with `ptr`, `len` and `access` fields.
+macro_rules! gpu_memory {
+    ($t:ty) => {
+        impl GpuMemory for $t {
+            fn addr(&self) -> u64 {
+                self.ptr as u64
+            }
+            fn byte_len(&self) -> u64 {
+                self.len
+            }
+            fn access(&self) -> &AccessEvents {
+                &self.access
+            }
+        }
+    };
 }
 
 /// An owned device allocation (`cuMemAlloc`), freed on drop after the GPU
@@ -151,29 +174,14 @@ impl DeviceBuffer {
     }
 }
 
-impl GpuMemory for DeviceBuffer {
-    fn addr(&self) -> u64 {
-        self.ptr
-    }
-    fn byte_len(&self) -> u64 {
-        self.len
-    }
-    fn access(&self) -> &AccessEvents {
-        &self.access
-    }
-}
+gpu_memory!(DeviceBuffer);
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        self.access
-            .sync_on_drop("device buffer (waiting for its work)");
-        let r = self.dev.bind().and_then(|()| {
-            // SAFETY: we own the allocation and its recorded work finished.
-            unsafe { raw::mem_free(self.ptr) }
+        // SAFETY: we own the allocation and its recorded work finished.
+        self.access.release(&self.dev, "device buffer", || unsafe {
+            raw::mem_free(self.ptr)
         });
-        if let Err(e) = r {
-            record_drop_error("device buffer", e);
-        }
     }
 }
 
@@ -237,29 +245,14 @@ impl PinnedBuffer {
     }
 }
 
-impl GpuMemory for PinnedBuffer {
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-    fn byte_len(&self) -> u64 {
-        self.len
-    }
-    fn access(&self) -> &AccessEvents {
-        &self.access
-    }
-}
+gpu_memory!(PinnedBuffer);
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
-        self.access
-            .sync_on_drop("pinned buffer (waiting for its work)");
-        let r = self.dev.bind().and_then(|()| {
-            // SAFETY: we own the allocation and its recorded work finished.
-            unsafe { raw::mem_free_host(self.ptr) }
+        // SAFETY: we own the allocation and its recorded work finished.
+        self.access.release(&self.dev, "pinned buffer", || unsafe {
+            raw::mem_free_host(self.ptr)
         });
-        if let Err(e) = r {
-            record_drop_error("pinned buffer", e);
-        }
     }
 }
 
@@ -307,29 +300,15 @@ impl HostRegistration {
     }
 }
 
-impl GpuMemory for HostRegistration {
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-    fn byte_len(&self) -> u64 {
-        self.len
-    }
-    fn access(&self) -> &AccessEvents {
-        &self.access
-    }
-}
+gpu_memory!(HostRegistration);
 
 impl Drop for HostRegistration {
     fn drop(&mut self) {
+        // SAFETY: we registered exactly this start address.
         self.access
-            .sync_on_drop("host registration (waiting for its work)");
-        let r = self.dev.bind().and_then(|()| {
-            // SAFETY: we registered exactly this start address.
-            unsafe { raw::mem_host_unregister(self.ptr) }
-        });
-        if let Err(e) = r {
-            record_drop_error("host registration", e);
-        }
+            .release(&self.dev, "host registration", || unsafe {
+                raw::mem_host_unregister(self.ptr)
+            });
     }
 }
 
