@@ -583,26 +583,41 @@ impl QueuePair {
             };
             wrs.push(wr);
         }
-        let base = wrs.as_mut_ptr();
-        for i in 0..wrs.len() - 1 {
-            // SAFETY: `i + 1 < len`, both within the vector.
-            wrs[i].next = unsafe { base.add(i + 1) };
-        }
-        let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
         // SAFETY: live QP; ops table constant after open.
         let post = unsafe { (*(*self.qp.as_ptr()).context).ops.post_send };
-        let Some(post) = post else {
-            return Err(PostError {
-                first_failed: 0,
-                error: RdmaError::verbs(
-                    "ibv_post_send",
-                    self.pd.device(),
-                    io::Error::from_raw_os_error(libc::ENOSYS),
-                ),
-            });
+        // SAFETY: the SGEs the requests point to live until the call returns
+        // (the provider copies them into the send queue).
+        unsafe { self.post_list("ibv_post_send", &mut wrs, |w, n| w.next = n, post) }
+    }
+
+    /// Links `wrs` into one list and posts it with the provider's `post`;
+    /// on failure, names the first request not posted.
+    ///
+    /// # Safety
+    /// `post` must be this QP's post function for `W`, and everything the
+    /// requests point to must stay valid until the call returns.
+    unsafe fn post_list<W>(
+        &self,
+        what: &'static str,
+        wrs: &mut [W],
+        link: fn(&mut W, *mut W),
+        post: Option<unsafe extern "C" fn(*mut ffi::ibv_qp, *mut W, *mut *mut W) -> libc::c_int>,
+    ) -> std::result::Result<(), PostError> {
+        let fail = |first_failed, errno| PostError {
+            first_failed,
+            error: RdmaError::verbs(what, self.pd.device(), io::Error::from_raw_os_error(errno)),
         };
-        // SAFETY: the list and its SGEs live until the call returns (the
-        // provider copies them into the send queue); `bad` is an out-pointer.
+        let Some(post) = post else {
+            return Err(fail(0, libc::ENOSYS));
+        };
+        let base = wrs.as_mut_ptr();
+        for i in 0..wrs.len().saturating_sub(1) {
+            // SAFETY: `i + 1 < len`, within the slice.
+            link(&mut wrs[i], unsafe { base.add(i + 1) });
+        }
+        let mut bad: *mut W = ptr::null_mut();
+        // SAFETY: live QP; the list lives until the call returns (caller's
+        // contract for what it points to); `bad` is an out-pointer.
         let rc = unsafe { post(self.qp.as_ptr(), base, &mut bad) };
         if rc == 0 {
             return Ok(());
@@ -614,14 +629,7 @@ impl QueuePair {
             // failing element of the list we passed).
             usize::try_from(unsafe { bad.offset_from(base) }).unwrap_or(0)
         };
-        Err(PostError {
-            first_failed,
-            error: RdmaError::verbs(
-                "ibv_post_send",
-                self.pd.device(),
-                io::Error::from_raw_os_error(rc),
-            ),
-        })
+        Err(fail(first_failed, rc))
     }
 
     /// Posts buffer-less receives (for WRITE_WITH_IMM notifications).
@@ -638,43 +646,10 @@ impl QueuePair {
                 num_sge: 0,
             })
             .collect();
-        let base = wrs.as_mut_ptr();
-        for i in 0..wrs.len() - 1 {
-            // SAFETY: `i + 1 < len`, within the vector.
-            wrs[i].next = unsafe { base.add(i + 1) };
-        }
-        let mut bad: *mut ffi::ibv_recv_wr = ptr::null_mut();
         // SAFETY: live QP; ops table constant after open.
         let post = unsafe { (*(*self.qp.as_ptr()).context).ops.post_recv };
-        let Some(post) = post else {
-            return Err(PostError {
-                first_failed: 0,
-                error: RdmaError::verbs(
-                    "ibv_post_recv",
-                    self.pd.device(),
-                    io::Error::from_raw_os_error(libc::ENOSYS),
-                ),
-            });
-        };
-        // SAFETY: the list lives until the call returns.
-        let rc = unsafe { post(self.qp.as_ptr(), base, &mut bad) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let first_failed = if bad.is_null() {
-            0
-        } else {
-            // SAFETY: `bad` points into `wrs`.
-            usize::try_from(unsafe { bad.offset_from(base) }).unwrap_or(0)
-        };
-        Err(PostError {
-            first_failed,
-            error: RdmaError::verbs(
-                "ibv_post_recv",
-                self.pd.device(),
-                io::Error::from_raw_os_error(rc),
-            ),
-        })
+        // SAFETY: the requests carry no buffers.
+        unsafe { self.post_list("ibv_post_recv", &mut wrs, |w, n| w.next = n, post) }
     }
 }
 
