@@ -1750,21 +1750,11 @@ unsafe extern "C" fn api_layout_region_lens(
 ) -> KvmeshStatus {
     guard("layout_region_lens", || {
         let l = get_layout(layout)?;
-        let n = l.region_count();
+        let lens: Vec<u64> = (0..l.region_count())
+            .map(|r| l.required_region_len(r))
+            .collect();
         // SAFETY: forwarded from the caller's contract.
-        unsafe { write_out(len_out, n, "len_out") }?;
-        // SAFETY: forwarded from the caller's contract.
-        let o = unsafe { out_slice(out, cap, "out") }?;
-        for (r, x) in o.iter_mut().take(n).enumerate() {
-            *x = l.required_region_len(r);
-        }
-        if cap < n {
-            return Err(FfiError::new(
-                KvmeshStatus::BufferTooSmall,
-                format!("{n} regions, room for {cap}"),
-            ));
-        }
-        Ok(KvmeshStatus::Ok)
+        unsafe { fill_out(&lens, out, cap, len_out, "regions", |n| *n) }
     })
 }
 
@@ -1862,17 +1852,7 @@ unsafe extern "C" fn api_kv_cache_export(
         let c = get_cache(cache)?;
         let bytes = c.cache.desc().to_bytes();
         // SAFETY: forwarded from the caller's contract.
-        unsafe { write_out(len_out, bytes.len(), "len_out") }?;
-        if cap < bytes.len() {
-            return Err(FfiError::new(
-                KvmeshStatus::BufferTooSmall,
-                format!("descriptor is {} bytes, buffer holds {cap}", bytes.len()),
-            ));
-        }
-        // SAFETY: forwarded from the caller's contract.
-        let o = unsafe { out_slice(buf, cap, "buf") }?;
-        o[..bytes.len()].copy_from_slice(&bytes);
-        Ok(KvmeshStatus::Ok)
+        unsafe { fill_out(&bytes, buf, cap, len_out, "descriptor bytes", |b| *b) }
     })
 }
 
@@ -2007,19 +1987,7 @@ unsafe extern "C" fn api_op_failed_blocks(
             ));
         };
         // SAFETY: forwarded from the caller's contract.
-        unsafe { write_out(len_out, st.failed.len(), "len_out") }?;
-        // SAFETY: forwarded from the caller's contract.
-        let o = unsafe { out_slice(out, cap, "out") }?;
-        for (x, f) in o.iter_mut().zip(&st.failed) {
-            *x = *f;
-        }
-        if cap < st.failed.len() {
-            return Err(FfiError::new(
-                KvmeshStatus::BufferTooSmall,
-                format!("{} failed blocks, room for {cap}", st.failed.len()),
-            ));
-        }
-        Ok(KvmeshStatus::Ok)
+        unsafe { fill_out(&st.failed, out, cap, len_out, "failed blocks", |f| *f) }
     })
 }
 
@@ -2368,6 +2336,36 @@ unsafe fn namespace(
     })
 }
 
+/// Writes `items` to a caller array of `cap` elements and their count to
+/// `len_out`: as many as fit, then `BufferTooSmall` (naming `what`) if not
+/// all did, so a caller can size its buffer from `len_out` and call again.
+///
+/// # Safety
+/// `out` must be NULL or valid for `cap` writes; `len_out` for one.
+unsafe fn fill_out<T, U>(
+    items: &[U],
+    out: *mut T,
+    cap: usize,
+    len_out: *mut usize,
+    what: &str,
+    conv: impl Fn(&U) -> T,
+) -> Result<KvmeshStatus, FfiError> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { write_out(len_out, items.len(), "len_out") }?;
+    // SAFETY: forwarded from the caller's contract.
+    let o = unsafe { out_slice(out, cap, "out") }?;
+    for (x, v) in o.iter_mut().zip(items) {
+        *x = conv(v);
+    }
+    if cap < items.len() {
+        return Err(FfiError::new(
+            KvmeshStatus::BufferTooSmall,
+            format!("{} {what}, room for {cap}", items.len()),
+        ));
+    }
+    Ok(KvmeshStatus::Ok)
+}
+
 /// Writes keys to a caller array.
 ///
 /// # Safety
@@ -2379,19 +2377,11 @@ unsafe fn write_keys(
     len_out: *mut usize,
 ) -> Result<KvmeshStatus, FfiError> {
     // SAFETY: forwarded from the caller's contract.
-    unsafe { write_out(len_out, keys.len(), "len_out") }?;
-    // SAFETY: forwarded from the caller's contract.
-    let o = unsafe { out_slice(out, cap, "out") }?;
-    for (x, k) in o.iter_mut().zip(keys) {
-        x.bytes = k.0;
+    unsafe {
+        fill_out(keys, out, cap, len_out, "keys", |k| KvmeshBlockKey {
+            bytes: k.0,
+        })
     }
-    if cap < keys.len() {
-        return Err(FfiError::new(
-            KvmeshStatus::BufferTooSmall,
-            format!("{} keys, room for {cap}", keys.len()),
-        ));
-    }
-    Ok(KvmeshStatus::Ok)
 }
 
 /// Keys from a caller array.
@@ -2722,18 +2712,8 @@ unsafe extern "C" fn api_store_get(
                     format!("no live store peer holds {k}"),
                 )
             })?;
-        // SAFETY: checked non-null and aligned above.
-        unsafe { len_out.write(v.len()) };
-        if cap < v.len() {
-            return Err(FfiError::new(
-                KvmeshStatus::BufferTooSmall,
-                format!("object of {} bytes, room for {cap}", v.len()),
-            ));
-        }
         // SAFETY: forwarded from the caller's contract.
-        let o = unsafe { out_slice(buf, cap, "buf") }?;
-        o[..v.len()].copy_from_slice(&v);
-        Ok(KvmeshStatus::Ok)
+        unsafe { fill_out(&v, buf, cap, len_out, "object bytes", |b| *b) }
     })
 }
 
