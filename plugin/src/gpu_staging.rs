@@ -23,6 +23,7 @@
 
 use kvmesh_gpu::cuda::{
     DeviceBuffer, GpuDevice, GpuKernels, GpuMemory, GpuStream, HostRegistration, Segment,
+    SegmentTable,
 };
 use kvmesh_gpu::{MemoryKind, Region};
 
@@ -48,8 +49,9 @@ pub(crate) struct GpuStaging {
     host: HostRegistration,
     /// The caller's compute stream a save is ordered after.
     order_after: Option<GpuStream>,
-    /// One copy at a time: the mirror is shared by every operation.
-    busy: tokio::sync::Mutex<()>,
+    /// One copy at a time (the mirror is shared by every operation), with
+    /// the segment table each copy reloads.
+    busy: tokio::sync::Mutex<SegmentTable>,
 }
 
 impl std::fmt::Debug for GpuStaging {
@@ -118,7 +120,7 @@ impl GpuStaging {
             mirror,
             host,
             order_after,
-            busy: tokio::sync::Mutex::new(()),
+            busy: tokio::sync::Mutex::new(SegmentTable::default()),
         })
     }
 
@@ -170,14 +172,16 @@ impl GpuStaging {
             runs.push((staging_place.offset, s.len));
         }
         let runs = merge_runs(runs);
-        let _busy = self.busy.lock().await;
+        let mut table = self.busy.lock().await;
         let st = &self.stream;
-        let done = match dir {
+        match dir {
             Direction::Save => {
                 if let Some(caller) = &self.order_after {
                     st.wait(&caller.record().map_err(gpu)?).map_err(gpu)?;
                 }
-                let table = self.kernels.upload(st, &kernel_segs).map_err(gpu)?;
+                self.kernels
+                    .upload_into(st, &kernel_segs, &mut table)
+                    .map_err(gpu)?;
                 // SAFETY: every segment was checked against its cache region
                 // (device memory registered with the engine for the cache's
                 // life) and the mirror; plans never write one byte twice, and
@@ -190,25 +194,22 @@ impl GpuStaging {
                 }
                 let ev = st.record().map_err(gpu)?;
                 ev.completed().await.map_err(gpu)?;
-                drop(table);
-                ev
             }
             Direction::Load => {
                 for &(off, len) in &runs {
                     st.copy(&self.mirror, off, &self.host, off, len)
                         .map_err(gpu)?;
                 }
-                let table = self.kernels.upload(st, &kernel_segs).map_err(gpu)?;
+                self.kernels
+                    .upload_into(st, &kernel_segs, &mut table)
+                    .map_err(gpu)?;
                 // SAFETY: as for a save, with the roles swapped; the cache
                 // blocks are the caller's to overwrite (load contract).
                 unsafe { self.kernels.launch(st, &table) }.map_err(gpu)?;
                 let ev = st.record().map_err(gpu)?;
                 ev.completed().await.map_err(gpu)?;
-                drop(table);
-                ev
             }
-        };
-        drop(done);
+        }
         Ok(())
     }
 }

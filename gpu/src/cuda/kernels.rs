@@ -124,13 +124,15 @@ impl std::fmt::Debug for GpuKernels {
 }
 
 /// A segment list uploaded to the device, reusable for many launches (the
-/// segments of one layer or one request do not change between them).
-#[derive(Debug)]
+/// segments of one layer or one request do not change between them), and
+/// reloadable with [`GpuKernels::upload_into`] without allocating again
+/// while the new list fits.
+#[derive(Debug, Default)]
 pub struct SegmentTable {
-    buf: DeviceBuffer,
+    buf: Option<DeviceBuffer>,
     count: u32,
-    /// Staging of the upload, kept until the copy finished.
-    _staging: PinnedBuffer,
+    /// Staging of the upload, written again only after its last copy.
+    staging: Option<PinnedBuffer>,
     bytes: u64,
 }
 
@@ -189,6 +191,20 @@ impl GpuKernels {
     /// Splits `segs` into pieces and uploads them on `stream` (asynchronous;
     /// a launch on any stream is ordered after the upload).
     pub fn upload(&self, stream: &GpuStream, segs: &[Segment]) -> Result<SegmentTable> {
+        let mut t = SegmentTable::default();
+        self.upload_into(stream, segs, &mut t)?;
+        Ok(t)
+    }
+
+    /// [`GpuKernels::upload`] into an existing table, reusing its buffers
+    /// when the list fits (a hot path uploads a list per step). Waits for
+    /// the table's previous upload to have left its staging memory.
+    pub fn upload_into(
+        &self,
+        stream: &GpuStream,
+        segs: &[Segment],
+        table: &mut SegmentTable,
+    ) -> Result<()> {
         let pieces = segments::split(segs, PIECE_BYTES);
         if pieces.is_empty() {
             return Err(Error::Invalid("empty segment list".into()));
@@ -196,7 +212,18 @@ impl GpuKernels {
         let count = u32::try_from(pieces.len())
             .map_err(|_| Error::Invalid(format!("{} segment pieces", pieces.len())))?;
         let bytes_len = (pieces.len() * std::mem::size_of::<Segment>()) as u64;
-        let mut staging = PinnedBuffer::alloc(&self.m.dev, bytes_len)?;
+        let fits = table
+            .staging
+            .as_ref()
+            .is_some_and(|b| b.byte_len() >= bytes_len);
+        if !fits {
+            let cap = bytes_len.max(2 * table.staging.as_ref().map_or(0, |b| b.byte_len()));
+            table.staging = Some(PinnedBuffer::alloc(&self.m.dev, cap)?);
+            table.buf = Some(DeviceBuffer::alloc(&self.m.dev, cap)?);
+        }
+        let (Some(staging), Some(buf)) = (table.staging.as_mut(), table.buf.as_ref()) else {
+            return Err(Error::Invalid("segment table without buffers".into()));
+        };
         {
             let dst = staging.as_mut_slice()?;
             for (k, p) in pieces.iter().enumerate() {
@@ -206,14 +233,10 @@ impl GpuKernels {
                 dst[o + 16..o + 24].copy_from_slice(&p.len.to_ne_bytes());
             }
         }
-        let buf = DeviceBuffer::alloc(&self.m.dev, bytes_len)?;
-        stream.copy(&buf, 0, &staging, 0, bytes_len)?;
-        Ok(SegmentTable {
-            buf,
-            count,
-            _staging: staging,
-            bytes: pieces.iter().map(|p| p.len).sum(),
-        })
+        stream.copy(buf, 0, staging, 0, bytes_len)?;
+        table.count = count;
+        table.bytes = pieces.iter().map(|p| p.len).sum();
+        Ok(())
     }
 
     /// Runs the copies of `table` on `stream` and returns the event after
@@ -228,13 +251,16 @@ impl GpuKernels {
         if stream.device() != &self.m.dev {
             return Err(Error::Invalid("stream of another device".into()));
         }
+        let Some(tbuf) = table.buf.as_ref().filter(|_| table.count > 0) else {
+            return Err(Error::Invalid("empty segment table".into()));
+        };
         self.m.dev.bind()?;
-        table.buf.access().before_read(stream)?;
+        tbuf.access().before_read(stream)?;
         let grid = table
             .count
             .min(self.m.dev.sm_count() * BLOCKS_PER_SM)
             .max(1);
-        let mut ptr = table.buf.addr();
+        let mut ptr = tbuf.addr();
         let mut count = table.count;
         let mut params = [
             (&mut ptr as *mut u64).cast::<std::ffi::c_void>(),
@@ -255,7 +281,7 @@ impl GpuKernels {
             )
         }?;
         let ev = stream.record()?;
-        table.buf.access().read(&ev);
+        tbuf.access().read(&ev);
         Ok(ev)
     }
 

@@ -183,7 +183,12 @@ fn loopback_push_lands_in_the_named_blocks_only() {
     let mut n = 0usize;
     // SAFETY: NULL buffer with cap 0 asks for the length.
     let s = unsafe { (api.kv_cache_export)(dst.handle, null_mut(), 0, &mut n) };
-    expect(&api, s, KvmeshStatus::BufferTooSmall, "descriptor bytes, room for 0");
+    expect(
+        &api,
+        s,
+        KvmeshStatus::BufferTooSmall,
+        "descriptor bytes, room for 0",
+    );
     let mut desc = vec![0u8; n];
     // SAFETY: buffer of the announced length.
     let s = unsafe { (api.kv_cache_export)(dst.handle, desc.as_mut_ptr(), desc.len(), &mut n) };
