@@ -206,7 +206,7 @@ impl ShmIndexWriter {
 impl LocationObserver for ShmIndexWriter {
     fn located(&mut self, key: &ObjectKey, at: Option<Published>) {
         let b = bucket_of(key, self.buckets);
-        let slots: Vec<*mut u8> = (0..SLOTS_PER_BUCKET).map(|i| self.slot_ptr(b, i)).collect();
+        let slots: [*mut u8; SLOTS_PER_BUCKET] = std::array::from_fn(|i| self.slot_ptr(b, i));
         let mine = slots
             .iter()
             .copied()

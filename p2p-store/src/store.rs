@@ -1027,11 +1027,8 @@ impl Store {
     /// the key's HRW order. Only such copies get a DHT provider record;
     /// the others are found without one, so a put costs no DHT traffic.
     fn displaced(&self, key: &ObjectKey) -> bool {
-        let ranked = placement::ranked(key, &self.candidates());
-        !ranked
-            .iter()
-            .take(PLACEMENT_LOOKUP_RANKS)
-            .any(|p| *p == self.inner.me)
+        !placement::targets(key, &self.candidates(), PLACEMENT_LOOKUP_RANKS)
+            .contains(&self.inner.me)
     }
 
     // ---------------------------------------------------------------- holder
