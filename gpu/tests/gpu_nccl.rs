@@ -2,8 +2,7 @@
 //! byte checked, in one process (a world of one: send to self) and between
 //! two processes. They need a GPU and libnccl; `scripts/gpu-check.sh` runs
 //! them with `--include-ignored` and puts a `libnccl.so` link on
-//! `LD_LIBRARY_PATH`. Where the GPU machine has no NCCL at all the script
-//! sets `KVMESH_NCCL_OPTIONAL=1` and these tests say so and pass.
+//! `LD_LIBRARY_PATH`. Without NCCL they fail, naming what is missing.
 //!
 //! Two processes on one GPU: NCCL refuses two ranks of one communicator on
 //! the same device ("Duplicate GPU detected", invalid usage). The two-process
@@ -22,16 +21,10 @@ use rand::{Rng, SeedableRng};
 const CHILD_ENV: &str = "KVMESH_NCCL_CHILD_ID";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Whether NCCL is usable; panics with the reason unless the GPU machine
-/// has no NCCL and the caller allowed that.
-fn nccl_here() -> bool {
-    match nccl::available() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("KVMESH_NCCL_OPTIONAL").is_some() => {
-            println!("NCCL not usable here, test skipped: {e}");
-            false
-        }
-        Err(e) => panic!("this test needs a GPU and NCCL: {e}"),
+/// Panics with the reason unless NCCL is usable.
+fn require_nccl() {
+    if let Err(e) = nccl::available() {
+        panic!("this test needs a GPU and NCCL: {e}");
     }
 }
 
@@ -55,9 +48,7 @@ fn download(b: &DeviceBuffer, len: usize) -> Vec<u8> {
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
 fn one_rank_all_to_all_v_round_trips_every_byte() {
-    if !nccl_here() {
-        return;
-    }
+    require_nccl();
     let (major, minor, patch) = nccl::version().unwrap();
     println!("NCCL {major}.{minor}.{patch}");
     let dev = GpuDevice::open(0).unwrap();
@@ -233,9 +224,7 @@ fn nccl_child() {
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it"]
 fn two_processes_all_to_all_v() {
-    if !nccl_here() {
-        return;
-    }
+    require_nccl();
     let id = NcclId::new().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
