@@ -2112,8 +2112,13 @@ impl Store {
                     })
             }
             // A holder without a table (tcp only), or one that does not
-            // know the request: the lease path it is.
-            Ok(_) | Err(Error::Remote { .. }) => None,
+            // know the request: the lease path it is, for this link.
+            Ok(_)
+            | Err(Error::Remote {
+                kind: ErrorKind::Invalid,
+                ..
+            }) => None,
+            // Transient (busy, connection trouble): ask again next time.
             Err(_) => return None,
         };
         self.inner
