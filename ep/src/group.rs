@@ -678,6 +678,21 @@ struct Pending {
     batch: Batch,
 }
 
+impl Pending {
+    /// The error of this batch, if it has failed with `st`.
+    fn check(&self, st: &kvmesh_gpu::BatchStatus) -> Result<()> {
+        match st.result {
+            Ok(()) => Ok(()),
+            Err(kind) => Err(Error::Transfer {
+                rank: self.rank,
+                op: self.op,
+                seq: self.seq,
+                kind,
+            }),
+        }
+    }
+}
+
 /// Progress of one peer's part of an operation.
 #[derive(Clone, Copy, Default)]
 struct Arrival {
@@ -1112,16 +1127,7 @@ impl EpGroup {
                         others: Vec::new(),
                     })
                 }
-                Some(st) => {
-                    if let Err(kind) = st.result {
-                        return Err(Error::Transfer {
-                            rank: p.rank,
-                            op: p.op,
-                            seq: p.seq,
-                            kind,
-                        });
-                    }
-                }
+                Some(st) => p.check(&st)?,
             }
         }
         Ok(())
@@ -1131,14 +1137,7 @@ impl EpGroup {
     fn check_pending(list: &[Pending]) -> Result<()> {
         for p in list {
             if let Some(st) = p.batch.poll() {
-                if let Err(kind) = st.result {
-                    return Err(Error::Transfer {
-                        rank: p.rank,
-                        op: p.op,
-                        seq: p.seq,
-                        kind,
-                    });
-                }
+                p.check(&st)?;
             }
         }
         Ok(())
