@@ -16,8 +16,9 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import sys
+
+from tablelib import fmt, median_of, ratio
 
 FIELDS = [
     "rep", "peer", "mode", "op", "block", "batch",
@@ -121,26 +122,8 @@ def cmd_row(argv):
     w.writerow(row)
 
 
-def median_of(rows, key):
-    vals = []
-    for r in rows:
-        if r.get("ok") != "1":
-            continue
-        try:
-            vals.append(float(r[key]))
-        except (TypeError, ValueError, KeyError):
-            continue
-    return (statistics.median(vals) if vals else None), len(vals)
-
-
 def f2(v, width=8, prec=2):
-    return f"{v:>{width}.{prec}f}" if v is not None else f"{'-':>{width}}"
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+    return fmt(v, width, prec)
 
 
 def cmd_table(argv):

@@ -20,8 +20,9 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import sys
+
+from tablelib import fmt, median_of, ratio
 
 FIELDS = ["rep", "peer", "op", "size", "ops", "p50_us", "p99_us", "mean_us", "gbps", "transport",
           "ok", "status", "detail"]
@@ -137,26 +138,8 @@ def cmd_rows(argv):
         w.writerow(row)
 
 
-def median_of(rows, key):
-    vals = []
-    for r in rows:
-        if r.get("ok") != "1":
-            continue
-        try:
-            vals.append(float(r[key]))
-        except (TypeError, ValueError, KeyError):
-            continue
-    return (statistics.median(vals) if vals else None), len(vals)
-
-
 def f2(v, width=9, prec=1):
-    return f"{v:>{width}.{prec}f}" if v is not None else f"{'-':>{width}}"
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+    return fmt(v, width, prec)
 
 
 def cmd_table(argv):
