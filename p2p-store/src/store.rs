@@ -254,12 +254,12 @@ enum Maint {
 }
 
 /// The checksum of the bytes a put stores, computed on first use.
-struct Lazy<'a> {
+struct PutChecksum<'a> {
     cell: &'a OnceLock<Checksum>,
     bytes: &'a [u8],
 }
 
-impl Lazy<'_> {
+impl PutChecksum<'_> {
     fn get(&self) -> Checksum {
         *self.cell.get_or_init(|| Checksum::compute(self.bytes))
     }
@@ -1422,7 +1422,7 @@ impl Store {
         // Computed once, by the first copy whose WRITE is in flight, so the
         // hash overlaps the engine's copy instead of preceding it.
         let checksum = OnceLock::new();
-        let checksum = Lazy {
+        let checksum = PutChecksum {
             cell: &checksum,
             bytes,
         };
@@ -1525,7 +1525,7 @@ impl Store {
         region: &Region,
         offset: u64,
         len: u64,
-        checksum: &Lazy<'_>,
+        checksum: &PutChecksum<'_>,
         opts: PutOptions,
         holders: &[PeerId],
         deadline: Instant,
@@ -2494,7 +2494,7 @@ impl Store {
         };
         let deadline = Instant::now() + self.inner.cfg.op_timeout;
         let known = OnceLock::from(grant.checksum);
-        let checksum = Lazy {
+        let checksum = PutChecksum {
             cell: &known,
             bytes: &[],
         };
