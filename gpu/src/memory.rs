@@ -63,6 +63,9 @@ pub type RegionId = u64;
 enum Backing {
     /// A memfd mapped by us; unmapped on drop.
     Memfd { fd: OwnedFd },
+    /// Private anonymous memory mapped by us (engines that serve no `shm`):
+    /// the mapping starting at `base` is `map_len` bytes, unmapped on drop.
+    Private { base: NonNull<u8>, map_len: usize },
     /// Memory owned by the caller; never freed by us.
     External,
     /// Device memory: ours (`owned`) or the caller's, with its IPC export
@@ -156,6 +159,82 @@ impl RegionInner {
             len,
             kind,
             backing: Backing::Memfd { fd },
+            locked: false,
+            inflight: Default::default(),
+            nic: Default::default(),
+        };
+        if kind == MemoryKind::HostPinned {
+            inner.lock()?;
+        }
+        Ok(inner)
+    }
+
+    /// Allocates `len` bytes of engine-owned private host memory, for an
+    /// engine that serves no `shm` (nobody else maps its memory).
+    ///
+    /// Regions of at least one huge page are aligned to it and advised
+    /// (`MADV_HUGEPAGE`) onto transparent huge pages where the kernel allows
+    /// them for anonymous memory (`always` or `madvise`): socket copies then
+    /// walk a few 2 MiB pages instead of thousands of 4 KiB ones, which
+    /// measured 1.3-1.5x faster on loopback TCP with 128 MiB regions.
+    /// Shared memfds cannot get them unless the host enables shmem huge
+    /// pages, so engines serving `shm` keep [`RegionInner::alloc_memfd`].
+    pub(crate) fn alloc_private(id: RegionId, len: u64, kind: MemoryKind) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::Invalid("region length must be > 0".into()));
+        }
+        let len_us = usize::try_from(len)
+            .map_err(|_| Error::Invalid(format!("region of {len} bytes is too large")))?;
+        let huge = len_us >= HUGE_PAGE;
+        let map_len = if huge {
+            len_us
+                .checked_add(HUGE_PAGE)
+                .ok_or_else(|| Error::Invalid(format!("region of {len} bytes is too large")))?
+        } else {
+            len_us
+        };
+        // SAFETY: FFI call; a fresh anonymous mapping aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::io(
+                format!("mmap of {len} bytes"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let base = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| Error::Invalid("mmap returned null".into()))?;
+        let start = if huge {
+            let skip = (HUGE_PAGE - (p as usize) % HUGE_PAGE) % HUGE_PAGE;
+            // SAFETY: `skip < HUGE_PAGE`, inside the mapping; the advice
+            // only changes how the range is backed (failure is harmless:
+            // the kernel keeps 4 KiB pages).
+            unsafe {
+                let start = base.as_ptr().add(skip);
+                libc::madvise(start.cast(), len_us, libc::MADV_HUGEPAGE);
+                start
+            }
+        } else {
+            base.as_ptr()
+        };
+        // Fault the pages in now (as `MAP_POPULATE` does for memfds), so the
+        // first transfers do not pay for it.
+        // SAFETY: `start..start+len` lies inside the fresh mapping.
+        unsafe { prefault(start, len_us) };
+        let mut inner = RegionInner {
+            id,
+            ptr: NonNull::new(start).expect("inside a non-null mapping"),
+            len,
+            kind,
+            backing: Backing::Private { base, map_len },
             locked: false,
             inflight: Default::default(),
             nic: Default::default(),
@@ -403,10 +482,16 @@ impl Drop for RegionInner {
             // SAFETY: the range was locked by us and is still mapped.
             unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.len as usize) };
         }
-        if let Backing::Memfd { .. } = self.backing {
-            // SAFETY: we mapped exactly this range in `alloc_memfd`; every
-            // user of the pointer holds an `Arc` to us, so none remain.
-            let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len as usize) };
+        let mapping = match self.backing {
+            Backing::Memfd { .. } => Some((self.ptr, self.len as usize)),
+            Backing::Private { base, map_len } => Some((base, map_len)),
+            Backing::External | Backing::Gpu { .. } => None,
+        };
+        if let Some((base, map_len)) = mapping {
+            // SAFETY: we mapped exactly this range in `alloc_memfd` or
+            // `alloc_private`; every user of the pointer holds an `Arc` to
+            // us, so none remain.
+            let rc = unsafe { libc::munmap(base.as_ptr().cast(), map_len) };
             if rc != 0 {
                 tracing::warn!(
                     region = self.id,
@@ -429,6 +514,23 @@ fn export_or_log(
             tracing::warn!("GPU region at {ptr:#x} cannot be exported for CUDA IPC: {e}");
             None
         }
+    }
+}
+
+/// Size of a transparent huge page on the platforms kvmesh runs on.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Writes one zero byte per 4 KiB page of fresh anonymous memory, so every
+/// page (or huge page) is faulted in; the memory reads as zeros either way.
+///
+/// # Safety
+/// `ptr..ptr+len` must be writable memory nobody else uses yet.
+unsafe fn prefault(ptr: *mut u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        // SAFETY: `off < len`, inside the range the caller owns.
+        unsafe { ptr.add(off).write_volatile(0) };
+        off += 4096;
     }
 }
 
@@ -884,5 +986,24 @@ mod tests {
         let r = RegionInner::alloc_memfd(1, 1 << 16, MemoryKind::HostPinned).unwrap();
         assert!(r.locked);
         assert!(r.memfd().is_some());
+    }
+
+    #[test]
+    fn private_memory_is_zeroed_aligned_and_not_shareable() {
+        for len in [1u64, 4097, HUGE_PAGE as u64 - 1, HUGE_PAGE as u64, 5 << 20] {
+            let r = RegionInner::alloc_private(1, len, MemoryKind::Host).unwrap();
+            assert!(r.memfd().is_none(), "private memory is not shareable");
+            if len >= HUGE_PAGE as u64 {
+                assert_eq!(r.ptr() as usize % HUGE_PAGE, 0, "{len} bytes");
+            }
+            // SAFETY: the region owns `len` readable, writable bytes.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(r.ptr(), len as usize) };
+            assert!(bytes.iter().all(|&b| b == 0), "{len} bytes are zeroed");
+            bytes[len as usize - 1] = 7;
+            assert_eq!(bytes[len as usize - 1], 7);
+        }
+        assert!(RegionInner::alloc_private(1, 0, MemoryKind::Host).is_err());
+        let pinned = RegionInner::alloc_private(1, 1 << 16, MemoryKind::HostPinned).unwrap();
+        assert!(pinned.locked);
     }
 }

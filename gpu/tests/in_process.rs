@@ -194,6 +194,39 @@ fn auto_uses_tcp_for_caller_memory_and_shm_for_engine_memory() {
 }
 
 #[test]
+fn an_engine_without_shm_serves_its_private_huge_page_memory_over_tcp() {
+    let target = Engine::new(EngineConfig {
+        transport: TransportKind::Tcp,
+        shm: false,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let len: u64 = 6 << 20;
+    let served = target.alloc(len, MemoryKind::Host).unwrap();
+    let pattern: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    served.write_at(0, &pattern).unwrap();
+    // A same-host initiator that would take `shm` if it could.
+    let e = engine(TransportKind::Auto);
+    let remote = e.import(&served.desc());
+    let local = e.alloc(len, MemoryKind::Host).unwrap();
+    let run = |op: Op| {
+        let st = e.submit(&[op], BatchOptions::default()).unwrap();
+        assert_eq!(
+            st.wait_blocking(Duration::from_secs(10)).unwrap().result,
+            Ok(())
+        );
+    };
+    run(Op::read(local.id(), 0, remote, 0, len - 3));
+    let mut got = vec![0u8; len as usize];
+    local.read_at(0, &mut got).unwrap();
+    assert!(got[..(len - 3) as usize] == pattern[..(len - 3) as usize]);
+    // Its last three bytes become the first three.
+    run(Op::write(local.id(), 0, remote, len - 3, 3));
+    served.read_at(len - 3, &mut got[..3]).unwrap();
+    assert_eq!(&got[..3], &pattern[..3]);
+}
+
+#[test]
 fn notification_to_a_dead_peer_fails() {
     let target = engine(TransportKind::Tcp);
     let served = target.alloc(4096, MemoryKind::Host).unwrap();

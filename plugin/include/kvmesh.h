@@ -163,7 +163,7 @@ typedef struct KvmeshContextConfig {
   uint32_t transport;
   // TCP listen address "host:port"; NULL for "127.0.0.1:0".
   const char *tcp_listen;
-  // TCP connections per peer (0: 2).
+  // TCP connections per peer (0: 4).
   uint32_t tcp_conns;
   // I/O threads (0: 2).
   uint32_t io_threads;

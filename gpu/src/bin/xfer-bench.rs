@@ -80,7 +80,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
     /// TCP connections per peer.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     tcp_conns: u16,
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     slice_size: u64,
@@ -95,8 +95,12 @@ struct Args {
 const SEED: u64 = 0x6b76_6d65_7368;
 
 fn engine_config(a: &Args) -> Result<EngineConfig> {
+    let transport: TransportKind = a.transport.parse()?;
     Ok(EngineConfig {
-        transport: a.transport.parse()?,
+        transport,
+        // Serve `shm` only where it can be used: an engine without it
+        // allocates its regions on huge pages, as a TCP or RDMA server would.
+        shm: matches!(transport, TransportKind::Auto | TransportKind::Shm),
         tcp_listen: a.listen.parse().context("--listen")?,
         tcp_conns: a.tcp_conns,
         slice_size: a.slice_size,
