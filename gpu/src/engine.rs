@@ -173,6 +173,21 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// The default configuration for an engine that moves bytes with
+    /// `transport`: it serves `shm` only where that transport may use it
+    /// (`Auto`, `Shm`). A `Tcp`, `Rdma` or `CudaIpc` engine then allocates
+    /// its host regions as private huge-page memory (see
+    /// [`EngineConfig::shm`]), which sockets and NICs move faster.
+    pub fn for_transport(transport: TransportKind) -> Self {
+        EngineConfig {
+            transport,
+            shm: matches!(transport, TransportKind::Auto | TransportKind::Shm),
+            ..EngineConfig::default()
+        }
+    }
+}
+
 /// A message delivered after all bytes of a batch landed here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
@@ -1506,6 +1521,12 @@ struct RemoteGpu {
     keep: KeepAlive,
 }
 
+/// `shm` batches of at least this many bytes WRITE with streaming stores
+/// (half the per-core L2 of current server CPUs and above: such a batch
+/// would mostly push the peer's lines through this core's cache for
+/// nothing).
+const STREAMING_MIN_BATCH: u64 = 1 << 20;
+
 fn run_copies(
     sh: &Shared,
     state: &Arc<BatchState>,
@@ -1514,9 +1535,10 @@ fn run_copies(
     sp: Arc<ShmPeer>,
 ) {
     let bytes: u64 = idx.iter().map(|&i| state.slices[i as usize].len).sum();
+    let streaming = bytes >= STREAMING_MIN_BATCH;
     let threads = sh.cfg.shm_threads.max(1);
     if bytes <= sh.cfg.shm_inline_bytes {
-        shm::copy_slices(state, &idx, &maps, &sp);
+        shm::copy_slices(state, &idx, &maps, &sp, streaming);
         return;
     }
     // Split by bytes into one chunk per copy thread; `submit` returns
@@ -1540,11 +1562,12 @@ fn run_copies(
             slices,
             maps,
             peer: sp.clone(),
+            streaming,
         };
         if let Err(e) = sh.copy_tx.try_send(job) {
             // Queue full (or threads gone): copy here rather than fail.
             let job = e.into_inner();
-            shm::copy_slices(&job.batch, &job.slices, &job.maps, &job.peer);
+            shm::copy_slices(&job.batch, &job.slices, &job.maps, &job.peer, streaming);
         }
     }
 }

@@ -47,6 +47,7 @@ mod error;
 pub mod gdr;
 mod handshake;
 mod memory;
+mod ntcopy;
 pub mod pattern;
 pub mod plan;
 mod rawio;

@@ -525,12 +525,15 @@ impl ShmPeer {
 }
 
 /// Copies slices of `batch` through mappings, on the calling thread.
-/// `maps[k]` is the mapping for `slices[k]`.
+/// `maps[k]` is the mapping for `slices[k]`. With `streaming`, WRITEs use
+/// streaming stores (see `ntcopy`): for batches large enough that keeping
+/// the peer's lines in this core's cache is worth nothing.
 pub(crate) fn copy_slices(
     batch: &Arc<BatchState>,
     slices: &[u32],
     maps: &[Arc<Mapping>],
     peer: &ShmPeer,
+    streaming: bool,
 ) {
     for (k, &i) in slices.iter().enumerate() {
         let i = i as usize;
@@ -577,6 +580,9 @@ pub(crate) fn copy_slices(
         unsafe {
             let remote = m.ptr.as_ptr().add(s.remote_offset as usize);
             match batch.kind_of(i) {
+                OpKind::Write if streaming => {
+                    crate::ntcopy::copy_streaming(remote, local, s.len as usize)
+                }
                 OpKind::Write => std::ptr::copy_nonoverlapping(local, remote, s.len as usize),
                 OpKind::Read => std::ptr::copy_nonoverlapping(remote, local, s.len as usize),
             }
@@ -626,6 +632,8 @@ pub(crate) struct CopyJob {
     pub(crate) slices: Vec<u32>,
     pub(crate) maps: Vec<Arc<Mapping>>,
     pub(crate) peer: Arc<ShmPeer>,
+    /// WRITEs with streaming stores (see [`copy_slices`]).
+    pub(crate) streaming: bool,
 }
 
 /// Starts `n` copy threads; they exit when the sender is dropped.
@@ -637,7 +645,7 @@ pub(crate) fn start_copy_threads(n: usize) -> crossbeam_channel::Sender<CopyJob>
             .name(format!("kvmesh-copy-{t}"))
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    copy_slices(&job.batch, &job.slices, &job.maps, &job.peer);
+                    copy_slices(&job.batch, &job.slices, &job.maps, &job.peer, job.streaming);
                 }
             });
     }

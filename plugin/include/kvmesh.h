@@ -159,7 +159,9 @@ typedef int32_t KvmeshStatus;
 typedef struct KvmeshContextConfig {
   // `sizeof(KvmeshContextConfig)`.
   uint32_t struct_size;
-  // `KVMESH_TRANSPORT_*`.
+  // `KVMESH_TRANSPORT_*`. With `KVMESH_TRANSPORT_TCP` the context also
+  // serves no shared memory to same-host peers, and allocates its host
+  // buffers on transparent huge pages instead.
   uint32_t transport;
   // TCP listen address "host:port"; NULL for "127.0.0.1:0".
   const char *tcp_listen;

@@ -198,11 +198,13 @@ pub type KvmeshLookup = u64;
 pub struct KvmeshContextConfig {
     /// `sizeof(KvmeshContextConfig)`.
     pub struct_size: u32,
-    /// `KVMESH_TRANSPORT_*`.
+    /// `KVMESH_TRANSPORT_*`. With `KVMESH_TRANSPORT_TCP` the context also
+    /// serves no shared memory to same-host peers, and allocates its host
+    /// buffers on transparent huge pages instead.
     pub transport: u32,
     /// TCP listen address "host:port"; NULL for "127.0.0.1:0".
     pub tcp_listen: *const c_char,
-    /// TCP connections per peer (0: 2).
+    /// TCP connections per peer (0: 4).
     pub tcp_conns: u32,
     /// I/O threads (0: 2).
     pub io_threads: u32,
@@ -1565,7 +1567,7 @@ unsafe fn engine_config(config: *const KvmeshContextConfig) -> Result<EngineConf
     if !config.is_null() {
         // SAFETY: forwarded from the caller's contract.
         let c = unsafe { read_sized(config, "config") }?;
-        cfg.transport = match c.transport {
+        cfg = EngineConfig::for_transport(match c.transport {
             KVMESH_TRANSPORT_AUTO => TransportKind::Auto,
             KVMESH_TRANSPORT_TCP => TransportKind::Tcp,
             KVMESH_TRANSPORT_SHM => TransportKind::Shm,
@@ -1575,7 +1577,7 @@ unsafe fn engine_config(config: *const KvmeshContextConfig) -> Result<EngineConf
                     format!("transport {t} is not a KVMESH_TRANSPORT_* value"),
                 ))
             }
-        };
+        });
         if !c.tcp_listen.is_null() {
             // SAFETY: the caller passes a NUL-terminated string.
             let s = unsafe { CStr::from_ptr(c.tcp_listen) };

@@ -97,16 +97,12 @@ const SEED: u64 = 0x6b76_6d65_7368;
 fn engine_config(a: &Args) -> Result<EngineConfig> {
     let transport: TransportKind = a.transport.parse()?;
     Ok(EngineConfig {
-        transport,
-        // Serve `shm` only where it can be used: an engine without it
-        // allocates its regions on huge pages, as a TCP or RDMA server would.
-        shm: matches!(transport, TransportKind::Auto | TransportKind::Shm),
         tcp_listen: a.listen.parse().context("--listen")?,
         tcp_conns: a.tcp_conns,
         slice_size: a.slice_size,
         shm_threads: a.shm_threads,
         tcp_splice: !a.no_splice,
-        ..EngineConfig::default()
+        ..EngineConfig::for_transport(transport)
     })
 }
 

@@ -180,10 +180,7 @@ impl Common {
             psk,
             mdns: self.mdns,
             mem_bytes: mem,
-            engine: EngineConfig {
-                transport: self.transport.parse()?,
-                ..EngineConfig::default()
-            },
+            engine: EngineConfig::for_transport(self.transport.parse()?),
             op_timeout: secs("--timeout", self.timeout)?,
             ..StoreConfig::default()
         })
