@@ -102,6 +102,11 @@ struct Args {
     /// hand-offs; the engine's own default is 256).
     #[arg(long, default_value_t = 8192)]
     shm_inline_kib: u64,
+    /// Engine tuning: write shm batches of 1 MiB and more with streaming
+    /// stores. Off by default: the receiving rank reads the rows at once
+    /// (combine sums them), faster from the sender's cache than from memory.
+    #[arg(long)]
+    shm_streaming: bool,
     /// How long waiting ranks spin before yielding (µs; default: automatic).
     #[arg(long)]
     spin_us: Option<u64>,
@@ -161,6 +166,8 @@ struct Case {
     timeout_ms: u64,
     #[serde(default = "default_inline_kib")]
     shm_inline_kib: u64,
+    #[serde(default)]
+    shm_streaming: bool,
     #[serde(default)]
     spin_us: Option<u64>,
     run: RunParams,
@@ -246,6 +253,7 @@ fn cases(a: &Args) -> Result<Vec<Case>> {
                     implementation: imp.clone(),
                     timeout_ms: a.timeout_ms,
                     shm_inline_kib: a.shm_inline_kib,
+                    shm_streaming: a.shm_streaming,
                     spin_us: a.spin_us,
                     run: RunParams {
                         tokens,
@@ -274,6 +282,11 @@ fn rank_main(case: &Case, rank: usize, addr: &str, engine_listen: &str) -> Resul
         transport: case.transport.parse().map_err(|e| anyhow!("{e}"))?,
         tcp_listen: engine_listen.parse().context("--engine-listen")?,
         shm_inline_bytes: case.shm_inline_kib << 10,
+        shm_streaming_bytes: if case.shm_streaming {
+            EngineConfig::default().shm_streaming_bytes
+        } else {
+            u64::MAX
+        },
         ..Default::default()
     })?;
     let cfg = case.ep_config();
