@@ -153,12 +153,24 @@ impl RegionInner {
             ));
         }
         let ptr = map_shared(&fd, len, true)?;
+        Self::engine_host(id, ptr, len, kind, Backing::Memfd { fd })
+    }
+
+    /// An engine-owned host region of `len` bytes at `ptr`, freed with
+    /// `backing`; `HostPinned` memory is locked.
+    fn engine_host(
+        id: RegionId,
+        ptr: NonNull<u8>,
+        len: u64,
+        kind: MemoryKind,
+        backing: Backing,
+    ) -> Result<Self> {
         let mut inner = RegionInner {
             id,
             ptr,
             len,
             kind,
-            backing: Backing::Memfd { fd },
+            backing,
             locked: false,
             inflight: Default::default(),
             nic: Default::default(),
@@ -193,27 +205,9 @@ impl RegionInner {
         } else {
             len_us
         };
-        // SAFETY: FFI call; a fresh anonymous mapping aliases nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::io(
-                format!("mmap of {len} bytes"),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let base = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| Error::Invalid("mmap returned null".into()))?;
+        let base = map_rw(map_len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?;
         let start = if huge {
-            let skip = (HUGE_PAGE - (p as usize) % HUGE_PAGE) % HUGE_PAGE;
+            let skip = base.as_ptr().align_offset(HUGE_PAGE);
             // SAFETY: `skip < HUGE_PAGE`, inside the mapping; the advice
             // only changes how the range is backed (failure is harmless:
             // the kernel keeps 4 KiB pages).
@@ -229,20 +223,8 @@ impl RegionInner {
         // first transfers do not pay for it.
         // SAFETY: `start..start+len` lies inside the fresh mapping.
         unsafe { prefault(start, len_us) };
-        let mut inner = RegionInner {
-            id,
-            ptr: NonNull::new(start).expect("inside a non-null mapping"),
-            len,
-            kind,
-            backing: Backing::Private { base, map_len },
-            locked: false,
-            inflight: Default::default(),
-            nic: Default::default(),
-        };
-        if kind == MemoryKind::HostPinned {
-            inner.lock()?;
-        }
-        Ok(inner)
+        let ptr = NonNull::new(start).expect("inside a non-null mapping");
+        Self::engine_host(id, ptr, len, kind, Backing::Private { base, map_len })
     }
 
     /// Allocates `len` zeroed bytes on GPU `device` and exports them for IPC.
@@ -537,14 +519,19 @@ unsafe fn prefault(ptr: *mut u8, len: usize) {
 /// Maps a shared-memory descriptor read-write.
 pub(crate) fn map_shared(fd: &OwnedFd, len: u64, populate: bool) -> Result<NonNull<u8>> {
     let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+    map_rw(len as usize, flags, fd.as_raw_fd())
+}
+
+/// A fresh read-write mapping of `len` bytes (`fd` -1 for anonymous memory).
+fn map_rw(len: usize, flags: libc::c_int, fd: libc::c_int) -> Result<NonNull<u8>> {
     // SAFETY: FFI call; a fresh mapping chosen by the kernel aliases nothing.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len as usize,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
-            fd.as_raw_fd(),
+            fd,
             0,
         )
     };

@@ -278,8 +278,8 @@ fn rank_main(case: &Case, rank: usize, addr: &str, engine_listen: &str) -> Resul
     if case.implementation == "nccl" {
         return nccl_rank_main(case, rank, addr);
     }
+    let transport: TransportKind = case.transport.parse().map_err(|e| anyhow!("{e}"))?;
     let engine = Engine::new(EngineConfig {
-        transport: case.transport.parse().map_err(|e| anyhow!("{e}"))?,
         tcp_listen: engine_listen.parse().context("--engine-listen")?,
         shm_inline_bytes: case.shm_inline_kib << 10,
         shm_streaming_bytes: if case.shm_streaming {
@@ -287,7 +287,7 @@ fn rank_main(case: &Case, rank: usize, addr: &str, engine_listen: &str) -> Resul
         } else {
             u64::MAX
         },
-        ..Default::default()
+        ..EngineConfig::for_transport(transport)
     })?;
     let cfg = case.ep_config();
     let bufs = EpBuffers::alloc(&engine, &cfg, rank, case.ranks)?;
