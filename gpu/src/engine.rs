@@ -113,6 +113,15 @@ pub struct EngineConfig {
     pub default_timeout: Duration,
     /// Worker threads of the engine's I/O runtime.
     pub io_threads: usize,
+    /// How long a waiter that expects bytes within microseconds polls its
+    /// TCP socket before it parks: a caller waiting for the answer on a
+    /// direct connection ([`Engine::call`], [`Engine::read_streamed`],
+    /// [`Engine::write_streamed`]), and a server connection whose client
+    /// sent its last request within this long of the answer before it.
+    /// Parking costs a thread wake-up or two when the bytes come, tens of
+    /// microseconds on a busy or virtualized host; polling costs the
+    /// waiting core at most this long. Zero never polls. Default 50 µs.
+    pub reply_spin: Duration,
     /// Batches queued per lane before `submit` answers `Busy`.
     pub lane_queue: usize,
     /// Requests in flight per lane.
@@ -170,6 +179,7 @@ impl Default for EngineConfig {
             shm_streaming_bytes: 1 << 20,
             default_timeout: Duration::from_secs(30),
             io_threads: 2,
+            reply_spin: Duration::from_micros(50),
             lane_queue: 1024,
             lane_inflight: 256,
             notify_queue: 4096,
@@ -317,6 +327,8 @@ struct Peer {
     /// Opened CUDA IPC mappings of the peer's regions.
     ipc: Mutex<HashMap<RegionId, Arc<crate::cuda::IpcMapping>>>,
     lanes: Mutex<Vec<Option<Arc<Lane>>>>,
+    /// Connections that callers drive themselves (RPCs).
+    direct: Arc<crate::tcp_direct::DirectPool>,
     shm: Mutex<Option<Arc<ShmPeer>>>,
     shm_connect: tokio::sync::Mutex<()>,
     /// RDMA keys of the peer's regions we imported.
@@ -718,6 +730,7 @@ impl Engine {
             gpu: Mutex::new(HashMap::new()),
             ipc: Mutex::new(HashMap::new()),
             lanes: Mutex::new(vec![None; lanes]),
+            direct: Default::default(),
             shm: Mutex::new(None),
             shm_connect: tokio::sync::Mutex::new(()),
             rdma_regions: Mutex::new(HashMap::new()),
@@ -735,6 +748,7 @@ impl Engine {
             for l in p.lanes.lock().iter().flatten() {
                 l.shutdown();
             }
+            p.direct.close_idle();
         }
     }
 
@@ -1447,6 +1461,11 @@ impl Engine {
                 };
                 return sp.call(&req).await;
             }
+            // The caller drives a connection of its own (see `tcp_direct`);
+            // the lane is the fallback when too many calls run at once.
+            if let Some(mut c) = p.direct.take(&sh, &p.desc).await? {
+                return c.call(crate::wire::OP_CALL, &req, sh.cfg.reply_spin).await;
+            }
             let lane = p.lane(&sh, 0);
             let (tx, rx) = tokio::sync::oneshot::channel();
             lane.try_send(LaneJob::Call {
@@ -1456,20 +1475,192 @@ impl Engine {
             .map_err(|(k, _)| k)?;
             rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
         };
-        // The I/O is driven by the engine's runtime; this future only waits
-        // for the reply, so no extra hop sits on the critical path. The
-        // deadline also runs on the engine's runtime, so callers on an
-        // executor without a timer work too.
+        match self.within(timeout, fut).await {
+            Some(r) => r.map_err(Error::Transfer),
+            None => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
+        }
+    }
+
+    /// Runs one READ (`op`, which must read) and hands each landed piece of
+    /// the local range, in order, to `on_piece` while the rest is still
+    /// arriving: a caller that checksums what it reads does so while the
+    /// bytes are in cache, overlapped with the transfer. Returns when all
+    /// bytes have landed and been handed over.
+    ///
+    /// Over TCP between host memory on both ends the calling task drives
+    /// the read itself on a connection of its own: one request, the answer
+    /// received straight into the local range, no engine thread in between
+    /// (see `tcp_direct`). Every other route, and a TCP read while every
+    /// direct connection to the peer is taken, runs an ordinary one-op
+    /// batch and hands over the whole range once it landed. Errors as for a
+    /// batch; after an error the local range holds undefined bytes.
+    pub async fn read_streamed(
+        &self,
+        op: Op,
+        timeout: Duration,
+        on_piece: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<()> {
+        if op.kind != OpKind::Read {
+            return Err(Error::Invalid("read_streamed needs a READ".into()));
+        }
+        let sh = self.shared().clone();
+        let (local, direct) = self.direct_route(&op)?;
+        let base = local.ptr() as usize + op.local_offset as usize;
+        // Callers pass pieces inside the local range that have landed.
+        let landed = |off: usize, n: usize| {
+            // SAFETY: inside the checked local range, which `local` keeps
+            // registered; these bytes landed and nothing writes them any
+            // more during the call.
+            unsafe { std::slice::from_raw_parts((base + off) as *const u8, n) }
+        };
+        if let Some(p) = direct {
+            let fut = async {
+                let Some(mut c) = p.direct.take(&sh, &p.desc).await? else {
+                    return Ok(false);
+                };
+                let id = c
+                    .send_read(op.remote.region, op.remote_offset, op.len)
+                    .await?;
+                let mut hand = |off: usize, n: usize| on_piece(landed(off, n));
+                // SAFETY: the range was checked and is held in use by
+                // `local` for the call; the caller does not touch it.
+                unsafe { c.recv_read(id, op.len, base, sh.cfg.reply_spin, &mut hand) }
+                    .await
+                    .map(|()| true)
+            };
+            match self.within(timeout, fut).await {
+                Some(Ok(true)) => return Ok(()),
+                Some(Ok(false)) => {} // every direct connection is taken
+                Some(Err(k)) => return Err(Error::Transfer(k)),
+                None => return Err(self.timed_out("read from", &op, timeout)),
+            }
+        }
+        self.run_one(op, timeout).await?;
+        on_piece(landed(0, op.len as usize));
+        Ok(())
+    }
+
+    /// Runs one WRITE (`op`, which must write) and hands each piece of the
+    /// local source, in order, to `on_piece` once it is on its way, so a
+    /// caller that checksums what it writes does so while the peer
+    /// receives it. Returns when the bytes have landed. The source must not
+    /// change during the call.
+    ///
+    /// Routes as [`Engine::read_streamed`]: a direct connection driven by
+    /// the calling task over TCP between host memory, else an ordinary
+    /// one-op batch, with the whole source handed over while it is in
+    /// flight.
+    pub async fn write_streamed(
+        &self,
+        op: Op,
+        timeout: Duration,
+        on_piece: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<()> {
+        if op.kind != OpKind::Write {
+            return Err(Error::Invalid("write_streamed needs a WRITE".into()));
+        }
+        let sh = self.shared().clone();
+        let (local, direct) = self.direct_route(&op)?;
+        let base = local.ptr() as usize + op.local_offset as usize;
+        // Callers pass pieces inside the local range.
+        let source = |off: usize, n: usize| {
+            // SAFETY: inside the checked range, held by `local`; a WRITE
+            // only reads it and the caller keeps it unchanged.
+            unsafe { std::slice::from_raw_parts((base + off) as *const u8, n) }
+        };
+        if let Some(p) = direct {
+            let fut = async {
+                let Some(mut c) = p.direct.take(&sh, &p.desc).await? else {
+                    return Ok(false);
+                };
+                let mut hand = |off: usize, n: usize| on_piece(source(off, n));
+                // SAFETY: checked range held in use by `local`; the caller
+                // keeps it unchanged for the call.
+                unsafe {
+                    c.write(
+                        op.remote.region,
+                        op.remote_offset,
+                        base,
+                        op.len,
+                        sh.cfg.reply_spin,
+                        &mut hand,
+                    )
+                }
+                .await
+                .map(|()| true)
+            };
+            match self.within(timeout, fut).await {
+                Some(Ok(true)) => return Ok(()),
+                Some(Ok(false)) => {} // every direct connection is taken
+                Some(Err(k)) => return Err(Error::Transfer(k)),
+                None => return Err(self.timed_out("write to", &op, timeout)),
+            }
+        }
+        let b = self.submit(
+            &[op],
+            BatchOptions {
+                timeout: Some(timeout),
+                notify: None,
+            },
+        )?;
+        on_piece(source(0, op.len as usize));
+        b.wait().await.result.map_err(Error::Transfer)
+    }
+
+    /// The held local range of `op`, and its peer when `op` goes over TCP
+    /// between host memory on both ends and in bounds (a direct connection
+    /// can carry it).
+    fn direct_route(&self, op: &Op) -> Result<(InUse, Option<Arc<Peer>>)> {
+        let local = self
+            .shared()
+            .checked_region(op.local, op.local_offset, op.len)
+            .map_err(|k| Error::Invalid(format!("local range: {k}")))?;
+        if local.gpu_device().is_some() {
+            return Err(Error::Invalid(
+                "streamed transfers need host memory on this side".into(),
+            ));
+        }
+        let p = self.peer(op.remote.peer)?;
+        let direct = op
+            .remote_offset
+            .checked_add(op.len)
+            .is_some_and(|end| end <= op.remote.len)
+            && !matches!(op.remote.kind, MemoryKind::Gpu { .. })
+            && matches!(self.route(&p, op.remote.peer, op, &local)?, Route::Tcp(_));
+        Ok((local, direct.then_some(p)))
+    }
+
+    /// Runs a one-op batch to its end.
+    async fn run_one(&self, op: Op, timeout: Duration) -> Result<()> {
+        let b = self.submit(
+            &[op],
+            BatchOptions {
+                timeout: Some(timeout),
+                notify: None,
+            },
+        )?;
+        b.wait().await.result.map_err(Error::Transfer)
+    }
+
+    fn timed_out(&self, what: &str, op: &Op, timeout: Duration) -> Error {
+        Error::Timeout(format!("{what} {} after {timeout:?}", op.remote.peer))
+    }
+
+    /// Runs `fut` until it ends or `timeout` passes (`None`). The deadline
+    /// runs on the engine's runtime, so callers on an executor without a
+    /// timer work too.
+    async fn within<T>(
+        &self,
+        timeout: Duration,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
         let mut deadline = self.shared().rt.spawn(tokio::time::sleep(timeout));
         let r = tokio::select! {
             r = fut => Some(r),
             _ = &mut deadline => None,
         };
         deadline.abort();
-        match r {
-            Some(r) => r.map_err(Error::Transfer),
-            None => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
-        }
+        r
     }
 
     /// [`Engine::call`] for threads outside any async runtime.

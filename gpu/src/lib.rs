@@ -59,6 +59,7 @@ pub mod rdma_wire;
 mod route;
 mod shm;
 mod tcp;
+mod tcp_direct;
 mod wire;
 
 pub mod size;

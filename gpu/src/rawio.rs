@@ -81,6 +81,77 @@ pub(crate) async unsafe fn read_exact_raw<S: RawStream>(
     Ok(())
 }
 
+/// [`read_exact_raw`] for a caller that expects the bytes within
+/// microseconds: while the socket is empty it polls it with non-blocking
+/// `recv` for up to `spin` (counted from the last progress) before it parks
+/// on readiness. Parking costs two
+/// thread wake-ups (the reactor's, then this task's) when the bytes come;
+/// a short poll costs none.
+///
+/// # Safety
+/// As for [`read_exact_raw`].
+pub(crate) async unsafe fn read_exact_raw_spin<S: RawStream>(
+    s: &S,
+    addr: usize,
+    len: usize,
+    spin: std::time::Duration,
+) -> io::Result<()> {
+    let fd: RawFd = s.as_raw_fd();
+    let mut done = 0usize;
+    let mut until: Option<std::time::Instant> = None;
+    while done < len {
+        let r = s.try_io_raw(Interest::READABLE, || {
+            // SAFETY: the caller guarantees the destination range is valid.
+            cvt(unsafe { libc::recv(fd, (addr + done) as *mut libc::c_void, len - done, 0) })
+        });
+        match r {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                done += n;
+                until = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Polling bypasses the reactor's readiness; readiness was
+                // just cleared above, so an edge that arrives while we poll
+                // still wakes the `ready_for` below.
+                let deadline = *until.get_or_insert_with(|| std::time::Instant::now() + spin);
+                let mut got = false;
+                while std::time::Instant::now() < deadline {
+                    // SAFETY: as above.
+                    let n = unsafe {
+                        libc::recv(
+                            fd,
+                            (addr + done) as *mut libc::c_void,
+                            len - done,
+                            libc::MSG_DONTWAIT,
+                        )
+                    };
+                    match cvt(n) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => {
+                            done += n;
+                            got = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if got {
+                    // Progress: the next gap gets a full poll again.
+                    until = None;
+                } else {
+                    s.ready_for(Interest::READABLE).await?
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Reads exactly `buf.len()` bytes into a Rust buffer.
 pub(crate) async fn read_exact<S: RawStream>(s: &S, buf: &mut [u8]) -> io::Result<()> {
     // SAFETY: `buf` is an exclusive borrow valid for the call.

@@ -31,8 +31,8 @@ use crate::engine::{Notification, Shared};
 use crate::error::ErrorKind;
 use crate::handshake;
 use crate::rawio::{
-    discard, read_exact, read_exact_raw, write_all, write_all_raw, write_spliced, SplicePipe,
-    SPLICE_MIN,
+    discard, read_exact, read_exact_raw, read_exact_raw_spin, write_all, write_all_raw,
+    write_spliced, SplicePipe, SPLICE_MIN,
 };
 use crate::wire::{self, ReqHeader, RespHeader, CHANNEL_TCP};
 use crate::PeerDesc;
@@ -89,8 +89,22 @@ async fn serve_conn(s: &TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
     };
     let mut bounce = Bounce::default();
     let mut hb = [0u8; std::mem::size_of::<ReqHeader>()];
+    // A client that sends its next request within `reply_spin` of our last
+    // answer (a caller doing one RPC after another) gets it read by a short
+    // poll instead of a wake-up; one that paused longer last time does not
+    // make this thread poll.
+    let spin = shared.cfg.reply_spin;
+    let mut poll_next = false;
     loop {
-        match read_exact(s, &mut hb).await {
+        let waited = std::time::Instant::now();
+        let got = if poll_next {
+            // SAFETY: `hb` is ours for the call.
+            unsafe { read_exact_raw_spin(s, hb.as_mut_ptr() as usize, hb.len(), spin) }.await
+        } else {
+            read_exact(s, &mut hb).await
+        };
+        poll_next = waited.elapsed() < spin;
+        match got {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(format!("read: {e}")),
@@ -853,7 +867,7 @@ async fn read_loop(s: &TcpStream, flight: &Mutex<FlightQueue>, permits: &Semapho
     }
 }
 
-async fn connect(shared: &Shared, peer: &PeerDesc) -> Result<TcpStream, ErrorKind> {
+pub(crate) async fn connect(shared: &Shared, peer: &PeerDesc) -> Result<TcpStream, ErrorKind> {
     let mut last = ErrorKind::ConnectionLost;
     for addr in &peer.tcp {
         match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::holder::{Holder, HolderConfig, HolderEvent, LeaseId, ReservationId};
 use crate::index::{IndexConfig, ObjectOptions, Pin, RemovalReason};
-use crate::key::{Checksum, ObjectKey};
+use crate::key::{Checksum, ChecksumHasher, ObjectKey};
 use crate::membership::{Announce, Membership, MembershipConfig, MembershipEvent};
 use crate::metrics::Metrics;
 use crate::network::{self, Multiaddr, NetworkConfig};
@@ -253,16 +253,22 @@ enum Maint {
     Repair(Vec<PeerId>),
 }
 
-/// The checksum of the bytes a put stores, computed on first use.
-struct PutChecksum<'a> {
-    cell: &'a OnceLock<Checksum>,
-    bytes: &'a [u8],
+/// An engine failure as a store error: retryable ones (timeouts, lost
+/// connections, a busy peer) as `Busy`, the rest as `Internal`.
+fn engine_error(what: &str, e: kvmesh_gpu::Error) -> Error {
+    remote(
+        if e.is_retryable() {
+            ErrorKind::Busy
+        } else {
+            ErrorKind::Internal
+        },
+        format!("{what}: {e}"),
+    )
 }
 
-impl PutChecksum<'_> {
-    fn get(&self) -> Checksum {
-        *self.cell.get_or_init(|| Checksum::compute(self.bytes))
-    }
+/// The checksum of the bytes a put stores, computed by its first copy.
+struct PutChecksum<'a> {
+    cell: &'a OnceLock<Checksum>,
 }
 
 /// Where a get puts the bytes.
@@ -1334,16 +1340,7 @@ impl Store {
                 self.inner.cfg.op_timeout,
             )
             .await
-            .map_err(|e| {
-                remote(
-                    if e.is_retryable() {
-                        ErrorKind::Busy
-                    } else {
-                        ErrorKind::Internal
-                    },
-                    format!("rpc: {e}"),
-                )
-            })?;
+            .map_err(|e| engine_error("rpc", e))?;
         let resp = rpc::decode::<Response>(&bytes).map_err(|m| remote(ErrorKind::Invalid, m))?;
         if let Response::Error { kind, message } = resp {
             return Err(remote(kind, message));
@@ -1415,17 +1412,14 @@ impl Store {
         opts: PutOptions,
     ) -> Result<()> {
         let t0 = Instant::now();
+        // Host memory and in bounds, or a clear error before anything moves.
         // SAFETY: the caller keeps the range unchanged during the put, and
         // the engine only reads it.
-        let bytes = unsafe { region.slice(offset, len) }
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        // Computed once, by the first copy whose WRITE is in flight, so the
-        // hash overlaps the engine's copy instead of preceding it.
+        unsafe { region.slice(offset, len) }.map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // Computed by the first copy, piece by piece while its WRITE is in
+        // flight, so the hash overlaps the transfer instead of preceding it.
         let checksum = OnceLock::new();
-        let checksum = PutChecksum {
-            cell: &checksum,
-            bytes,
-        };
+        let checksum = PutChecksum { cell: &checksum };
         let members = self.candidates();
         let ranked = placement::ranked(&key, &members);
         let want = opts.replicas.max(1).min(ranked.len());
@@ -1558,14 +1552,25 @@ impl Store {
                 Err(e) => return Err(e),
             }
         };
-        let op = Op::write(region.id(), offset, link.pool, roff, len);
-        let st = match self.transfer_start(&[op]) {
-            Ok(batch) => {
-                let checksum = checksum.get();
-                self.transfer_finish(batch).await.map(|()| checksum)
-            }
-            Err(e) => Err(e),
-        };
+        // The checksum is computed piece by piece while the holder receives
+        // the bytes (once per put: replicas after the first reuse it).
+        let known = checksum.cell.get().copied();
+        let mut h = ChecksumHasher::new();
+        let st = self
+            .inner
+            .engine
+            .write_streamed(
+                Op::write(region.id(), offset, link.pool, roff, len),
+                self.inner.cfg.op_timeout,
+                &mut |piece| {
+                    if known.is_none() {
+                        h.update(piece);
+                    }
+                },
+            )
+            .await
+            .map_err(|e| engine_error("transfer", e))
+            .map(|()| known.unwrap_or_else(|| *checksum.cell.get_or_init(|| h.finalize())));
         let checksum = match st {
             Ok(c) => c,
             Err(e) => {
@@ -1614,16 +1619,8 @@ impl Store {
     /// Waits for a batch from [`Store::transfer_start`].
     async fn transfer_finish(&self, b: kvmesh_gpu::Batch) -> Result<()> {
         let st = b.wait().await;
-        st.result.map_err(|k| {
-            remote(
-                if k.is_retryable() {
-                    ErrorKind::Busy
-                } else {
-                    ErrorKind::Internal
-                },
-                format!("transfer: {k}"),
-            )
-        })
+        st.result
+            .map_err(|k| engine_error("transfer", kvmesh_gpu::Error::Transfer(k)))
     }
 
     /// Stores many objects concurrently; one result per item.
@@ -1779,6 +1776,34 @@ impl Store {
             }
         }
         out
+    }
+
+    /// Reads one leased object into `region` at `offset` and checks its
+    /// checksum, hashing each piece as it lands (in cache, overlapped with
+    /// the rest of the transfer; see [`Engine::read_streamed`]).
+    async fn read_one(&self, l: &Leased, region: &Region, offset: u64) -> Result<()> {
+        let link = self.link_of(&l.holder)?;
+        let mut h = ChecksumHasher::new();
+        self.inner
+            .engine
+            .read_streamed(
+                Op::read(region.id(), offset, link.pool, l.grant.offset, l.len),
+                self.inner.cfg.op_timeout,
+                &mut |piece| {
+                    h.update(piece);
+                },
+            )
+            .await
+            .map_err(|e| engine_error("transfer", e))?;
+        let actual = h.finalize();
+        if actual != l.grant.checksum {
+            self.inner.metrics.checksum_failures.fetch_add(1, Relaxed);
+            return Err(Error::ChecksumMismatch {
+                expected: l.grant.checksum,
+                actual,
+            });
+        }
+        Ok(())
     }
 
     /// Ends leases (fire and forget: the holder also expires them). Must be
@@ -1945,11 +1970,7 @@ impl Store {
                             l.len
                         )));
                     }
-                    self.read_leased(&[(&l, region, off)])
-                        .await
-                        .pop()
-                        .unwrap_or(Ok(()))
-                        .map(|()| None)
+                    self.read_one(&l, region, off).await.map(|()| None)
                 }
                 Dest::Vec => {
                     let staging = match self.staging(l.len) {
@@ -1959,18 +1980,13 @@ impl Store {
                             return Err(e);
                         }
                     };
-                    let r = self
-                        .read_leased(&[(&l, &staging, 0)])
-                        .await
-                        .pop()
-                        .unwrap_or(Ok(()))
-                        .and_then(|()| {
-                            let mut v = vec![0u8; l.len as usize];
-                            staging
-                                .read_at(0, &mut v)
-                                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                            Ok(Some(v))
-                        });
+                    let r = self.read_one(&l, &staging, 0).await.and_then(|()| {
+                        let mut v = vec![0u8; l.len as usize];
+                        staging
+                            .read_at(0, &mut v)
+                            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                        Ok(Some(v))
+                    });
                     self.unstage(staging);
                     r
                 }
@@ -2494,10 +2510,7 @@ impl Store {
         };
         let deadline = Instant::now() + self.inner.cfg.op_timeout;
         let known = OnceLock::from(grant.checksum);
-        let checksum = PutChecksum {
-            cell: &known,
-            bytes: &[],
-        };
+        let checksum = PutChecksum { cell: &known };
         let futs = task.targets.iter().map(|t| {
             self.put_one(
                 t,
