@@ -22,6 +22,9 @@ pub(crate) enum Kind {
     /// The sender gave up on the group and names the rank it blames
     /// (doorbells only).
     Abort = 5,
+    /// The sender has finished reading the rows this rank exposed in place
+    /// for a combine (doorbells only).
+    Release = 6,
 }
 
 impl Kind {
@@ -32,6 +35,7 @@ impl Kind {
             3 => Kind::Combine,
             4 => Kind::Barrier,
             5 => Kind::Abort,
+            6 => Kind::Release,
             _ => return None,
         })
     }
@@ -43,6 +47,7 @@ impl Kind {
             Kind::Combine => "combine",
             Kind::Barrier => "barrier",
             Kind::Abort => "abort",
+            Kind::Release => "combine release",
         }
     }
 }

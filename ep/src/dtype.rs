@@ -217,34 +217,69 @@ kernel! {
     }
 }
 
+// The bf16 sums below work on 32-bit words, each holding two elements
+// (little endian: element 2i in the low half, 2i+1 in the high half), so
+// widening, narrowing and rounding are lane-wise shifts and masks: no
+// shuffles, which on x86 all queue for one port and bounded the
+// element-wise form.
+
+/// The f32 of the low / high bf16 of a word.
+#[inline(always)]
+fn lo_f32(w: u32) -> f32 {
+    f32::from_bits(w << 16)
+}
+
+#[inline(always)]
+fn hi_f32(w: u32) -> f32 {
+    f32::from_bits(w & 0xFFFF_0000)
+}
+
+/// [`f32_to_bf16`] of `x`, in the high half of the word (low half zero).
+#[inline(always)]
+fn bf16_hi(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
+    let nan = (b & 0x7FFF_FFFF) > 0x7F80_0000;
+    (if nan { b | 0x0040_0000 } else { rounded }) & 0xFFFF_0000
+}
+
+/// The word holding [`f32_to_bf16`] of `lo` and `hi`.
+#[inline(always)]
+fn pack_bf16(lo: f32, hi: f32) -> u32 {
+    (bf16_hi(lo) >> 16) | bf16_hi(hi)
+}
+
 kernel! {
-    fn sum2_bf16(a: &[u16], b: &[u16], out: &mut [u16]) {
+    fn sum2_bf16(a: &[u32], b: &[u32], out: &mut [u32]) {
         let n = out.len();
         let (a, b) = (&a[..n], &b[..n]);
         for i in 0..n {
-            let x = bf16_to_f32(a[i]);
-            let y = bf16_to_f32(b[i]);
-            out[i] = f32_to_bf16((0.0 + x) + y);
+            let lo = (0.0 + lo_f32(a[i])) + lo_f32(b[i]);
+            let hi = (0.0 + hi_f32(a[i])) + hi_f32(b[i]);
+            out[i] = pack_bf16(lo, hi);
         }
     }
 }
 
 kernel! {
-    fn sum_bf16(rows: &[&[u16]], out: &mut [u16]) {
-        const C: usize = 256;
-        let mut acc = [0f32; C];
+    fn sum_bf16(rows: &[&[u32]], out: &mut [u32]) {
+        const C: usize = 128;
+        let mut lo = [0f32; C];
+        let mut hi = [0f32; C];
         let mut s = 0;
         while s < out.len() {
             let e = (s + C).min(out.len());
-            let acc = &mut acc[..e - s];
-            acc.fill(0.0);
+            let (lo, hi) = (&mut lo[..e - s], &mut hi[..e - s]);
+            lo.fill(0.0);
+            hi.fill(0.0);
             for r in rows {
-                for (a, &x) in acc.iter_mut().zip(&r[s..e]) {
-                    *a += bf16_to_f32(x);
+                for ((l, h), &w) in lo.iter_mut().zip(hi.iter_mut()).zip(&r[s..e]) {
+                    *l += lo_f32(w);
+                    *h += hi_f32(w);
                 }
             }
-            for (o, a) in out[s..e].iter_mut().zip(acc.iter()) {
-                *o = f32_to_bf16(*a);
+            for ((o, l), h) in out[s..e].iter_mut().zip(lo.iter()).zip(hi.iter()) {
+                *o = pack_bf16(*l, *h);
             }
             s = e;
         }
@@ -278,20 +313,31 @@ kernel! {
 pub fn sum_rows(rows: &[&[u8]], out: &mut [u8], dtype: DType, acc: &mut [f32]) {
     match dtype {
         DType::Bf16 => {
-            let typed: Option<Vec<&[u16]>> = rows
+            // Whole words, 4-byte aligned; an odd last element (odd hidden)
+            // goes through the general path below.
+            let words = out.len() / 4 * 4;
+            let typed: Option<Vec<&[u32]>> = rows
                 .iter()
-                .map(|r| bytemuck::try_cast_slice(r).ok())
+                .map(|r| {
+                    r.get(..words)
+                        .and_then(|w| bytemuck::try_cast_slice(w).ok())
+                })
                 .collect();
-            if let (Some(t), Ok(o)) = (typed, bytemuck::try_cast_slice_mut::<u8, u16>(out)) {
-                // bf16 bits are little endian in memory, as on every host
-                // this runs on (x86-64, aarch64).
-                if cfg!(target_endian = "little") {
-                    match t.as_slice() {
-                        [a, b] => sum2_bf16(a, b, o),
-                        _ => sum_bf16(&t, o),
-                    }
+            let o = bytemuck::try_cast_slice_mut::<u8, u32>(&mut out[..words]);
+            // bf16 bits are little endian in memory, as on every host this
+            // runs on (x86-64, aarch64).
+            if let (Some(t), Ok(o), true) = (typed, o, cfg!(target_endian = "little")) {
+                match t.as_slice() {
+                    [a, b] => sum2_bf16(a, b, o),
+                    _ => sum_bf16(&t, o),
+                }
+                if words == out.len() {
                     return;
                 }
+                let tail: Vec<&[u8]> = rows.iter().map(|r| &r[words..]).collect();
+                let n = (out.len() - words) / 2;
+                sum_rows_scalar(&tail, &mut out[words..], dtype, &mut acc[..n]);
+                return;
             }
         }
         DType::F32 => {
@@ -307,6 +353,11 @@ pub fn sum_rows(rows: &[&[u8]], out: &mut [u8], dtype: DType, acc: &mut [f32]) {
             }
         }
     }
+    sum_rows_scalar(rows, out, dtype, acc);
+}
+
+/// [`sum_rows`] through `acc`, for any alignment.
+fn sum_rows_scalar(rows: &[&[u8]], out: &mut [u8], dtype: DType, acc: &mut [f32]) {
     acc.fill(0.0);
     for r in rows {
         add(acc, r, dtype);
@@ -512,32 +563,73 @@ mod tests {
 
     #[test]
     fn sum_rows_matches_add_then_store_aligned_or_not() {
+        // bf16 values that stress the rounding: -0.0, ±inf, quiet and
+        // signalling NaNs, subnormals, and sums that round up, to even, or
+        // overflow.
+        const SPECIAL: [u16; 10] = [
+            0x8000, 0x7F80, 0xFF80, 0x7FC1, 0xFF81, 0x0001, 0x807F, 0x7F7F, 0x3F81, 0x3F80,
+        ];
         for dtype in [DType::Bf16, DType::F32] {
-            let hidden = 300;
-            let rb = hidden * dtype.size();
-            // One extra byte so the slices at offset 1 are misaligned.
-            let mut data = vec![0u8; 3 * rb + 1];
-            let mut s = 99u64;
-            for c in data.chunks_mut(2) {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-                let v = ((s >> 33) as u16 & 0x3FFF) | 0x3C00 | (((s >> 20) as u16 & 1) << 15);
-                c.copy_from_slice(&v.to_le_bytes()[..c.len()]);
-            }
-            for off in [0usize, 1] {
-                for n in 1..=3 {
-                    let rows: Vec<&[u8]> = (0..n)
-                        .map(|i| &data[off + i * rb..off + (i + 1) * rb])
-                        .collect();
-                    let mut acc = vec![0f32; hidden];
-                    let mut want = vec![0u8; rb];
-                    for r in &rows {
-                        add(&mut acc, r, dtype);
-                    }
-                    store(&acc, &mut want, dtype);
-                    let mut got = vec![0u8; rb];
-                    sum_rows(&rows, &mut got, dtype, &mut acc);
-                    assert_eq!(got, want, "{dtype:?} offset {off} rows {n}");
+            for hidden in [300, 301] {
+                let rb = hidden * dtype.size();
+                // Extra bytes so the slices at offsets 1..3 are misaligned.
+                let mut data = vec![0u8; 5 * rb + 3];
+                let mut s = 99u64;
+                for c in data.chunks_mut(2) {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    let v = if (s >> 60) == 0 {
+                        SPECIAL[(s >> 40) as usize % SPECIAL.len()]
+                    } else {
+                        ((s >> 33) as u16 & 0x3FFF) | 0x3C00 | (((s >> 20) as u16 & 1) << 15)
+                    };
+                    c.copy_from_slice(&v.to_le_bytes()[..c.len()]);
                 }
+                for off in [0usize, 1, 2] {
+                    for n in 1..=5 {
+                        let rows: Vec<&[u8]> = (0..n)
+                            .map(|i| &data[off + i * rb..off + (i + 1) * rb])
+                            .collect();
+                        let mut acc = vec![0f32; hidden];
+                        let mut want = vec![0u8; rb];
+                        for r in &rows {
+                            add(&mut acc, r, dtype);
+                        }
+                        store(&acc, &mut want, dtype);
+                        let mut got = vec![0u8; rb];
+                        sum_rows(&rows, &mut got, dtype, &mut acc);
+                        assert_eq!(got, want, "{dtype:?} hidden {hidden} offset {off} rows {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn word_wise_bf16_sums_match_element_wise_on_every_pair() {
+        // Every bf16 value against a spread of partners, both halves of
+        // the word: the packed rounding equals `f32_to_bf16`.
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let mut s = 5u64;
+        for x in 0..=u16::MAX {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let y = (s >> 48) as u16;
+            a.push(u32::from(x) | (u32::from(y) << 16));
+            b.push(u32::from(y) | (u32::from(x.rotate_left(3)) << 16));
+        }
+        let mut out = vec![0u32; a.len()];
+        sum2_bf16(&a, &b, &mut out);
+        let mut out3 = vec![0u32; a.len()];
+        sum_bf16(&[&a, &b, &a], &mut out3);
+        let el = |w: u32, half: u32| bf16_to_f32((w >> (16 * half)) as u16);
+        for i in 0..a.len() {
+            for half in 0..2 {
+                let want2 = f32_to_bf16((0.0 + el(a[i], half)) + el(b[i], half));
+                let want3 = f32_to_bf16(((0.0 + el(a[i], half)) + el(b[i], half)) + el(a[i], half));
+                let got2 = (out[i] >> (16 * half)) as u16;
+                let got3 = (out3[i] >> (16 * half)) as u16;
+                assert_eq!(got2, want2, "pair {i} half {half}");
+                assert_eq!(got3, want3, "triple {i} half {half}");
             }
         }
     }

@@ -13,9 +13,10 @@
 //! +---------+-----------------------------------+-----------------------------------+
 //! payload row = activation (or FP8 + per-128-channel scales); meta row = token,
 //! k local experts, k gate weights; crow = hidden × dtype size.
+//! then the send buffers (`take_send_buffers`): input rows | reduced expert rows;
+//! rows there leave in place, one copy into the peer (or none: pulled), no
+//! staging copy.
 //! staging region: dispatch [dst rank] + combine [dst rank], same slot layouts.
-//! send buffers (optional, `take_send_buffers`): input rows | reduced expert rows;
-//! rows there leave in place, one copy into the peer, no staging copy.
 //! ```
 //!
 //! Dispatch at rank r, operation number k (parity p = k mod 2):
@@ -31,6 +32,24 @@
 //! engine thread sits between a landed row and the rank that waits for it.
 //! Combine is the reverse, into the combine area, followed by the
 //! fixed-order f32 sum. The barrier rings doorbells too.
+//!
+//! Combine between two ranks that map each other's receive region over
+//! `shm` (agreed at formation) is a pull instead: the rank holding the
+//! partial rows for token owner s does not copy them to s; it leaves them
+//! where they are (the caller's send buffer, which is an area of the
+//! receive region, or else its own combine slot (p, s), free because s
+//! pushes nothing there) and rings s's doorbell with (k, row count, offset).
+//! s sums straight from its view of the peer's memory, then rings a release
+//! doorbell back. A rank whose send-buffer rows were read in place returns
+//! from combine only after those releases (the caller may then overwrite
+//! the buffer); rows in its own slot are safe by the parity argument below.
+//!
+//! ```text
+//!  rank r (rows for s)                      rank s (owner)
+//!  bell(k, n, off) ──────────────────────────▶ poll bell == k+1
+//!                                             sum rows read at r.view[off..]
+//!  poll release == k+1 ◀──────────────────── release(k)
+//! ```
 //!
 //! ```text
 //!  rank r                                   rank d
@@ -56,7 +75,7 @@ use std::time::{Duration, Instant};
 
 use kvmesh_gpu::{
     Batch, BatchOptions, Engine, EngineId, MemoryKind, Op, Region, RegionDesc, RegionId,
-    RemoteRegion,
+    RemoteRegion, ShmView,
 };
 
 use crate::ctl::{Ctl, Kind, HEADER};
@@ -210,15 +229,19 @@ struct Shape {
     staging_combine: usize,
     staging_len: usize,
     /// Caller-writable send buffers: input rows, then reduced expert rows.
+    /// (offsets in the receive region, which peers on the same host map,
+    /// so they can read combine rows in place).
     user_input: usize,
     user_expert_out: usize,
-    user_len: usize,
+    user_end: usize,
 }
 
 const PROBE_BYTES: usize = 64;
-/// One doorbell per (kind, parity, source rank), a cache line each.
+/// One doorbell per (kind, parity, source rank), a cache line each; the
+/// first 32 bytes are written: (seq + 1, count), an offset, and checks.
 const BELL_BYTES: usize = 64;
-const BELL_KINDS: usize = 4;
+const BELL_WRITE: usize = 32;
+const BELL_KINDS: usize = 5;
 /// How long a waiting rank stays runnable (spinning, then yielding) before
 /// it sleeps between looks at its doorbells.
 const SPIN_FOR: Duration = Duration::from_millis(200);
@@ -243,12 +266,13 @@ impl Shape {
         let bell_area = BELL_KINDS * 2 * world * BELL_BYTES;
         let dispatch_base = (bells + bell_area).next_multiple_of(4096);
         let combine_base = dispatch_base + 2 * world * dslot;
-        let recv_len = (combine_base + 2 * world * cslot).next_multiple_of(4096);
+        let user_input = (combine_base + 2 * world * cslot).next_multiple_of(4096);
+        let user_expert_out = user_input + (m * crow).next_multiple_of(4096);
+        let user_end = (user_expert_out + world * m * crow).next_multiple_of(4096);
+        let recv_len = user_end;
         let staging_combine = world * dslot;
         let staging_bells = staging_combine + world * cslot;
         let staging_len = (staging_bells + bell_area).next_multiple_of(4096);
-        let user_expert_out = (m * crow).next_multiple_of(4096);
-        let user_len = (user_expert_out + world * m * crow).next_multiple_of(4096);
         Shape {
             world,
             max_tokens: m,
@@ -266,9 +290,9 @@ impl Shape {
             staging_bells,
             staging_combine,
             staging_len,
-            user_input: 0,
+            user_input,
             user_expert_out,
-            user_len,
+            user_end,
         }
     }
 
@@ -294,6 +318,7 @@ impl Shape {
             Kind::Dispatch => 0,
             Kind::Combine => 1,
             Kind::Abort => 3,
+            Kind::Release => 4,
             _ => 2,
         };
         ((k * 2 + parity) * self.world + rank) * BELL_BYTES
@@ -617,7 +642,6 @@ pub struct EpBuffers {
     shape: Shape,
     recv: Region,
     staging: Region,
-    user: Region,
 }
 
 impl EpBuffers {
@@ -630,7 +654,6 @@ impl EpBuffers {
         let shape = Shape::new(cfg, world);
         let recv = engine.alloc(shape.recv_len as u64, cfg.memory)?;
         let staging = engine.alloc(shape.staging_len as u64, cfg.memory)?;
-        let user = engine.alloc(shape.user_len as u64, cfg.memory)?;
         Ok(EpBuffers {
             engine: engine.clone(),
             cfg: cfg.clone(),
@@ -639,7 +662,6 @@ impl EpBuffers {
             shape,
             recv,
             staging,
-            user,
         })
     }
 
@@ -720,9 +742,16 @@ pub struct EpGroup {
     recv: HostBuf,
     staging: HostBuf,
     staging_id: RegionId,
-    /// The send buffers' region, until handed out (and always its id).
-    user: Option<Region>,
-    user_region: Region,
+    /// Whether the send buffers (an area of the receive region) were handed
+    /// out.
+    send_bufs_taken: bool,
+    /// Per rank: combine rows travel by pull (the rank that sums reads them
+    /// in place through its `shm` view of the sender's receive region)
+    /// rather than being written into its receive region. Agreed by both
+    /// sides at formation; false for self.
+    pull: Vec<bool>,
+    /// Offsets the doorbells of the last collected operation carried.
+    bell_offs: Vec<u64>,
     remotes: Vec<Option<RemoteRegion>>,
     ranks_by_engine: HashMap<EngineId, usize>,
     group_id: u64,
@@ -759,6 +788,17 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// The 32 bytes of a doorbell: value, its complement, an offset, and a
+/// check of the offset that also depends on the value (a reader that sees
+/// the new value with the previous offset notices).
+fn bell_words(v: u64, at: u64) -> [u8; BELL_WRITE] {
+    let mut b = [0u8; BELL_WRITE];
+    for (i, w) in [v, !v, at, !(at ^ v)].into_iter().enumerate() {
+        b[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
 impl EpGroup {
     /// Forms the group from this rank's buffers and every rank's receive
     /// descriptor, in rank order (own included). Checks the regions are
@@ -774,7 +814,6 @@ impl EpGroup {
             shape,
             recv,
             staging,
-            user,
         } = bufs;
         if descs.len() != world {
             return Err(Error::Config(format!(
@@ -823,8 +862,9 @@ impl EpGroup {
             recv: HostBuf::new(recv)?,
             staging: HostBuf::new(staging)?,
             staging_id,
-            user: Some(user.clone()),
-            user_region: user,
+            send_bufs_taken: false,
+            pull: vec![false; world],
+            bell_offs: vec![0; world],
             remotes,
             ranks_by_engine,
             group_id,
@@ -846,6 +886,7 @@ impl EpGroup {
             cfg,
         };
         g.probe()?;
+        g.agree_pull()?;
         g.spin_for = g.cfg.spin_wait.unwrap_or(SPIN_DEFAULT);
         Ok(g)
     }
@@ -887,7 +928,10 @@ impl EpGroup {
     /// to `world × max_tokens_per_rank` rows for [`ExpertOut::Reduced`].
     /// Rows taken from them skip the staging copy.
     pub fn take_send_buffers(&mut self) -> Option<(SendBuf, SendBuf)> {
-        let r = self.user.take()?;
+        if std::mem::replace(&mut self.send_bufs_taken, true) {
+            return None;
+        }
+        let r = self.recv.region.clone();
         let sh = self.shape;
         let (hidden, dtype) = (self.cfg.hidden, self.cfg.dtype);
         Some((
@@ -922,7 +966,7 @@ impl EpGroup {
             let _ = p.batch.wait_blocking(Self::left(deadline));
         }
         let mut first_err = None;
-        for r in [&self.recv.region, &self.staging.region, &self.user_region] {
+        for r in [&self.recv.region, &self.staging.region] {
             if let Err(e) = self.engine.deregister(r, Self::left(deadline)) {
                 first_err.get_or_insert(e);
             }
@@ -978,15 +1022,15 @@ impl EpGroup {
                 continue;
             }
             let off = self.shape.bell_out(Kind::Abort, 0, d);
-            let b = self.staging.bytes_mut(off, 16);
-            b[..8].copy_from_slice(&v.to_le_bytes());
-            b[8..].copy_from_slice(&(!v).to_le_bytes());
+            self.staging
+                .bytes_mut(off, BELL_WRITE)
+                .copy_from_slice(&bell_words(v, 0));
             let op = Op::write(
                 self.staging_id,
                 off as u64,
                 self.remote(d),
                 self.shape.bell_in(Kind::Abort, 0, self.rank) as u64,
-                16,
+                BELL_WRITE as u64,
             );
             let opts = BatchOptions {
                 timeout: Some(Self::left(deadline)),
@@ -1001,7 +1045,7 @@ impl EpGroup {
     /// Fails if a peer announced that it gave up on the group.
     fn check_aborts(&self) -> Result<()> {
         for s in self.peers() {
-            if let Some((q, _)) = self.read_bell(Kind::Abort, 0, s) {
+            if let Some((q, _, _)) = self.read_bell(Kind::Abort, 0, s) {
                 if q > 0 {
                     return Err(Error::PeerFailed {
                         rank: q as usize - 1,
@@ -1079,6 +1123,59 @@ impl EpGroup {
                 };
                 return self.note(Err(e));
             }
+        }
+        Ok(())
+    }
+
+    /// Decides with every peer whether combine rows between the two travel
+    /// by pull: both must already map the other's receive region over
+    /// `shm` (the probe mapped it). Each rank writes "I can view yours"
+    /// into its probe slot at the peer, then a barrier; the pair pulls only
+    /// if both said yes, so both sides reach the same answer.
+    fn agree_pull(&mut self) -> Result<()> {
+        if self.cfg.exchange != Exchange::OneSided {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.cfg.timeout;
+        let seq = self.barrier_seq;
+        self.barrier_seq += 1;
+        let mut mine = vec![false; self.world];
+        let mut pending = Vec::new();
+        let mut data = Vec::new();
+        let r = (|| {
+            for d in self.peers().collect::<Vec<_>>() {
+                mine[d] = self.engine.shm_view(&self.remote(d)).is_some();
+                // Staging is free until the first dispatch (past the probe's
+                // first 64 bytes).
+                let off = PROBE_BYTES * (1 + d);
+                self.staging
+                    .bytes_mut(off, 8)
+                    .copy_from_slice(&u64::from(mine[d]).to_le_bytes());
+                let piece = Piece {
+                    region: self.staging_id,
+                    src_off: off,
+                    dst_off: self.rank * PROBE_BYTES + 16,
+                    len: 8,
+                };
+                self.send_part(
+                    d,
+                    Kind::Barrier,
+                    seq,
+                    0,
+                    &[piece],
+                    deadline,
+                    &mut pending,
+                    &mut data,
+                )?;
+            }
+            self.finish_sends(data, Kind::Barrier, seq, deadline, &mut pending)?;
+            self.collect_part(Kind::Barrier, seq, deadline, &mut pending)?;
+            self.settle_list(pending, deadline)
+        })();
+        self.note(r)?;
+        for s in self.peers().collect::<Vec<_>>() {
+            let theirs = self.recv.bytes(s * PROBE_BYTES + 16, 8) == 1u64.to_le_bytes();
+            self.pull[s] = mine[s] && theirs;
         }
         Ok(())
     }
@@ -1162,7 +1259,7 @@ impl EpGroup {
             Kind::Dispatch => self.dispatch_seq,
             Kind::Combine => self.combine_seq,
             Kind::Barrier => self.barrier_seq,
-            Kind::Abort => 0,
+            Kind::Abort | Kind::Release => 0,
         }
     }
 
@@ -1400,6 +1497,7 @@ impl EpGroup {
 
     /// Writes (`seq`, `count`) into this rank's doorbell at rank `d`: the
     /// value and its complement, so a reader can tell a torn write.
+    #[allow(clippy::too_many_arguments)]
     fn ring(
         &mut self,
         d: usize,
@@ -1409,18 +1507,34 @@ impl EpGroup {
         deadline: Instant,
         pending: &mut Vec<Pending>,
     ) -> Result<()> {
+        self.ring_at(d, kind, seq, count, 0, deadline, pending)
+    }
+
+    /// [`Self::ring`] with an offset for the reader (where, in this rank's
+    /// receive region, rows to pull start), checked against the value too.
+    #[allow(clippy::too_many_arguments)]
+    fn ring_at(
+        &mut self,
+        d: usize,
+        kind: Kind,
+        seq: u64,
+        count: u32,
+        at: u64,
+        deadline: Instant,
+        pending: &mut Vec<Pending>,
+    ) -> Result<()> {
         let parity = (seq % 2) as usize;
         let v = ((seq + 1) << 24) | count as u64;
         let off = self.shape.bell_out(kind, parity, d);
-        let b = self.staging.bytes_mut(off, 16);
-        b[..8].copy_from_slice(&v.to_le_bytes());
-        b[8..].copy_from_slice(&(!v).to_le_bytes());
+        self.staging
+            .bytes_mut(off, BELL_WRITE)
+            .copy_from_slice(&bell_words(v, at));
         let op = Op::write(
             self.staging_id,
             off as u64,
             self.remote(d),
             self.shape.bell_in(kind, parity, self.rank) as u64,
-            16,
+            BELL_WRITE as u64,
         );
         let batch = self.engine.submit(
             &[op],
@@ -1438,13 +1552,18 @@ impl EpGroup {
         Ok(())
     }
 
-    /// Rank `src`'s doorbell for (`kind`, `parity`): (seq + 1, count), or
-    /// `None` while it reads torn.
-    fn read_bell(&self, kind: Kind, parity: usize, src: usize) -> Option<(u64, u32)> {
+    /// Rank `src`'s doorbell for (`kind`, `parity`): (seq + 1, count,
+    /// offset), or `None` while it reads torn.
+    fn read_bell(&self, kind: Kind, parity: usize, src: usize) -> Option<(u64, u32, u64)> {
         let off = self.shape.bell_in(kind, parity, src);
         let v = self.recv.load_u64(off);
         let check = self.recv.load_u64(off + 8);
-        (check == !v).then_some((v >> 24, (v & 0xFF_FFFF) as u32))
+        if check != !v {
+            return None;
+        }
+        let at = self.recv.load_u64(off + 16);
+        let check = self.recv.load_u64(off + 24);
+        (check == !(at ^ v)).then_some((v >> 24, (v & 0xFF_FFFF) as u32, at))
     }
 
     /// Collects every peer's part of operation (`kind`, `seq`): row counts
@@ -1459,7 +1578,8 @@ impl EpGroup {
         if self.cfg.exchange == Exchange::TwoSided {
             return self.collect(kind, seq, deadline, pending);
         }
-        self.collect_bells(kind, seq, deadline, pending)
+        let peers: Vec<usize> = self.peers().collect();
+        self.collect_bells(kind, seq, &peers, deadline, pending)
     }
 
     /// Waits for the peers' doorbells of (`kind`, `seq`). Spins, then
@@ -1470,24 +1590,24 @@ impl EpGroup {
         &mut self,
         kind: Kind,
         seq: u64,
+        peers: &[usize],
         deadline: Instant,
         pending: &mut [Pending],
     ) -> Result<Vec<u32>> {
         let parity = (seq % 2) as usize;
         let want = seq + 1;
-        let peers: Vec<usize> = self.peers().collect();
         let mut counts = vec![0u32; self.world];
         let mut got = vec![false; self.world];
         let start = Instant::now();
         let mut round = 0u32;
         loop {
             let mut all = true;
-            for &s in &peers {
+            for &s in peers {
                 if got[s] {
                     continue;
                 }
                 match self.read_bell(kind, parity, s) {
-                    Some((q, c)) if q == want => {
+                    Some((q, c, at)) if q == want => {
                         if c as usize > self.shape.max_tokens {
                             return Err(Error::Protocol {
                                 rank: s,
@@ -1497,8 +1617,9 @@ impl EpGroup {
                         }
                         got[s] = true;
                         counts[s] = c;
+                        self.bell_offs[s] = at;
                     }
-                    Some((q, _)) if q > want => {
+                    Some((q, _, _)) if q > want => {
                         return Err(Error::Protocol {
                             rank: s,
                             op: kind.name(),
@@ -1601,7 +1722,7 @@ impl EpGroup {
                     let src = if p.region == self.staging_id {
                         &self.staging.region
                     } else {
-                        &self.user_region
+                        &self.recv.region
                     };
                     let mut off = 0;
                     while off < p.len {
@@ -1770,13 +1891,14 @@ impl EpGroup {
     fn in_place(&self, x: &Rows<'_>, wire_native: bool) -> Option<(RegionId, usize)> {
         // Region ids are per engine: also check the rows really lie in this
         // group's send buffers.
-        let base = self.user_region.as_ptr() as usize;
+        let base = self.recv.region.as_ptr() as usize;
         let start = x.bytes.as_ptr() as usize;
         x.region.filter(|(id, off)| {
             wire_native
-                && *id == self.user_region.id()
+                && *id == self.recv.region.id()
                 && start == base + off
-                && off + x.bytes.len() <= self.shape.user_len
+                && *off >= self.shape.user_input
+                && off + x.bytes.len() <= self.shape.user_end
         })
     }
 
@@ -2053,16 +2175,49 @@ impl EpGroup {
         let parity = (seq % 2) as usize;
         let (shape, cfg) = (self.shape, self.cfg.clone());
         let ix = &h.recv;
+        let me = self.rank;
         let mut pending = Vec::with_capacity(self.world);
         let mut data = Vec::new();
         let in_place = match out {
             ExpertOut::Reduced(r) => self.in_place(&r, true),
             ExpertOut::PerExpert(_) => None,
         };
+        // Peers that read rows in place from the caller's send buffer: this
+        // rank may return only once they are done.
+        let mut exposed = Vec::new();
         for s in self.peers().collect::<Vec<_>>() {
             let range = ix.recv_off[s] as usize..ix.recv_off[s + 1] as usize;
             let n = range.len();
-            let at = shape.combine_slot(parity, self.rank);
+            if self.pull[s] {
+                // `s` reads the rows from this rank's receive region: in
+                // place from the send buffer, or from this rank's own slot
+                // (p, s), which `s` never writes (it pulls instead).
+                let at = match in_place {
+                    Some((_, base)) => {
+                        if n > 0 {
+                            exposed.push(s);
+                        }
+                        base + range.start * shape.crow
+                    }
+                    None => {
+                        let at = shape.combine_slot(parity, s);
+                        let buf = self.recv.bytes_mut(at, n * shape.crow);
+                        Self::partials(&cfg, shape.crow, out, ix, range, buf, &mut self.acc);
+                        at
+                    }
+                };
+                self.ring_at(
+                    s,
+                    Kind::Combine,
+                    seq,
+                    n as u32,
+                    at as u64,
+                    deadline,
+                    &mut pending,
+                )?;
+                continue;
+            }
+            let at = shape.combine_slot(parity, me);
             let piece = match in_place {
                 Some((region, base)) => Piece {
                     region,
@@ -2094,7 +2249,6 @@ impl EpGroup {
                 &mut data,
             )?;
         }
-        let me = self.rank;
         let own = ix.recv_off[me] as usize..ix.recv_off[me + 1] as usize;
         if let ExpertOut::PerExpert(_) = out {
             let buf = self
@@ -2105,8 +2259,77 @@ impl EpGroup {
         let r = self.finish_sends(data, Kind::Combine, seq, deadline, &mut pending);
         let t2 = Instant::now();
         let r = r.and_then(|_| self.collect_part(Kind::Combine, seq, deadline, &mut pending));
+        let r = r.and_then(|counts| self.pull_views(&counts, h).map(|v| (counts, v)));
+        let (counts, views) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.pending_combine = pending;
+                return Err(e);
+            }
+        };
+        let t3 = Instant::now();
+        let p = &h.plan;
+        let mut rows: Vec<&[u8]> = Vec::with_capacity(self.world);
+        for (t, y) in dst.chunks_exact_mut(shape.crow).enumerate() {
+            rows.clear();
+            for &(d, pos) in &p.tok_dst[p.tok_off[t] as usize..p.tok_off[t + 1] as usize] {
+                let (d, pos) = (d as usize, pos as usize);
+                rows.push(match (out, &views[d]) {
+                    (ExpertOut::Reduced(r), _) if d == me => r.row(own.start + pos),
+                    (_, Some(v)) => {
+                        // SAFETY: `d` wrote these rows before it rang its
+                        // combine doorbell (collected above; the range was
+                        // checked against the view in `pull_views`), and
+                        // writes them again only after this rank's release
+                        // doorbell (send-buffer rows: `d` waits for it
+                        // before its combine returns) or in its combine
+                        // seq + 2 (its own slot), which needs this rank's
+                        // combine seq + 1 doorbell, rung after this sum.
+                        unsafe {
+                            v.bytes(self.bell_offs[d] as usize + pos * shape.crow, shape.crow)
+                        }
+                    }
+                    _ => self
+                        .recv
+                        .bytes(shape.combine_slot(parity, d) + pos * shape.crow, shape.crow),
+                });
+            }
+            dtype::sum_rows(&rows, y, cfg.dtype, &mut self.acc);
+        }
+        drop(views);
+        let t4 = Instant::now();
+        // Tell the pulled peers their rows are no longer read; wait for the
+        // peers that read this rank's send buffer.
+        let r = (|| -> Result<()> {
+            for d in self.peers().collect::<Vec<_>>() {
+                if self.pull[d] {
+                    self.ring(d, Kind::Release, seq, counts[d], deadline, &mut pending)?;
+                }
+            }
+            if !exposed.is_empty() {
+                self.collect_bells(Kind::Release, seq, &exposed, deadline, &mut pending)?;
+            }
+            Ok(())
+        })();
         self.pending_combine = pending;
-        let counts = r?;
+        r?;
+        let t5 = Instant::now();
+        self.timings = OpTimings {
+            settle_us: us(t1 - t0),
+            plan_us: 0.0,
+            send_us: us(t2 - t1),
+            engine_us: us(std::mem::take(&mut self.engine_acc)),
+            wait_us: us((t3 - t2) + (t5 - t4)),
+            finish_us: us(t4 - t3),
+        };
+        Ok(())
+    }
+
+    /// Checks the peers' combine row counts, and for the peers this rank
+    /// pulls from, takes a view of their receive region and checks that the
+    /// rows their doorbells point at lie inside it.
+    fn pull_views(&self, counts: &[u32], h: &HandleInner) -> Result<Vec<Option<ShmView>>> {
+        let mut views = vec![None; self.world];
         for s in self.peers() {
             if counts[s] as usize != h.plan.send[s].len() {
                 return Err(Error::Protocol {
@@ -2119,32 +2342,29 @@ impl EpGroup {
                     ),
                 });
             }
-        }
-        let t3 = Instant::now();
-        let p = &h.plan;
-        let mut rows: Vec<&[u8]> = Vec::with_capacity(self.world);
-        for (t, y) in dst.chunks_exact_mut(shape.crow).enumerate() {
-            rows.clear();
-            for &(d, pos) in &p.tok_dst[p.tok_off[t] as usize..p.tok_off[t + 1] as usize] {
-                let (d, pos) = (d as usize, pos as usize);
-                rows.push(match out {
-                    ExpertOut::Reduced(r) if d == me => r.row(own.start + pos),
-                    _ => self
-                        .recv
-                        .bytes(shape.combine_slot(parity, d) + pos * shape.crow, shape.crow),
-                });
+            if !self.pull[s] {
+                continue;
             }
-            dtype::sum_rows(&rows, y, cfg.dtype, &mut self.acc);
+            let bad = |reason: String| Error::Protocol {
+                rank: s,
+                op: "combine",
+                reason,
+            };
+            let v = self
+                .engine
+                .shm_view(&self.remote(s))
+                .ok_or_else(|| bad("its receive region is no longer mapped here".into()))?;
+            let at = self.bell_offs[s];
+            let len = counts[s] as u64 * self.shape.crow as u64;
+            if at.checked_add(len).is_none_or(|e| e > v.len()) {
+                return Err(bad(format!(
+                    "rows at {at}+{len} outside its region of {} bytes",
+                    v.len()
+                )));
+            }
+            views[s] = Some(v);
         }
-        self.timings = OpTimings {
-            settle_us: us(t1 - t0),
-            plan_us: 0.0,
-            send_us: us(t2 - t1),
-            engine_us: us(std::mem::take(&mut self.engine_acc)),
-            wait_us: us(t3 - t2),
-            finish_us: us(t3.elapsed()),
-        };
-        Ok(())
+        Ok(views)
     }
 }
 
@@ -2171,6 +2391,119 @@ impl HandleInner {
                 row_off: Vec::new(),
                 row_entries: Vec::new(),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::{run_rank, RunParams};
+    use kvmesh_gpu::{EngineConfig, TransportKind};
+
+    /// `world` in-process ranks over `transport`; with `pull` false, the
+    /// ranks are told to push combine rows even where they could pull.
+    fn form(world: usize, cfg: &EpConfig, transport: TransportKind, pull: bool) -> Vec<EpGroup> {
+        let bufs: Vec<EpBuffers> = (0..world)
+            .map(|r| {
+                let e = Engine::new(EngineConfig {
+                    transport,
+                    io_threads: 1,
+                    shm_threads: 1,
+                    ..Default::default()
+                })
+                .expect("engine");
+                EpBuffers::alloc(&e, cfg, r, world).expect("buffers")
+            })
+            .collect();
+        let descs: Vec<_> = bufs.iter().map(|b| b.desc()).collect();
+        let hs: Vec<_> = bufs
+            .into_iter()
+            .map(|b| {
+                let d = descs.clone();
+                std::thread::spawn(move || EpGroup::new(b, &d))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                let mut g = h.join().expect("thread").expect("group");
+                if !pull {
+                    g.pull.fill(false);
+                }
+                g
+            })
+            .collect()
+    }
+
+    /// Runs the checked benchmark loop on every rank; returns each rank's
+    /// combine output hashes. The groups live until every rank is done (a
+    /// rank's last doorbells may still be in flight when it returns).
+    fn run(groups: Vec<EpGroup>, p: &RunParams) -> Vec<Vec<String>> {
+        let hs: Vec<_> = groups
+            .into_iter()
+            .map(|mut g| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let r = run_rank(&mut g, &p);
+                    (g, r)
+                })
+            })
+            .collect();
+        let res: Vec<_> = hs
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect();
+        res.into_iter()
+            .map(|(_g, (rep, err))| {
+                assert!(err.is_none() && rep.verified, "{:?}", rep.error);
+                assert_eq!(rep.combines_checked, p.iters);
+                assert_eq!(rep.hashes.len(), 1, "combine not deterministic");
+                rep.hashes
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranks_pull_combine_rows_over_shm_only() {
+        let cfg = EpConfig::new(16, 256, 4, 48);
+        for (t, want) in [(TransportKind::Shm, true), (TransportKind::Tcp, false)] {
+            for g in form(3, &cfg, t, true) {
+                for s in 0..3 {
+                    assert_eq!(g.pull[s], want && s != g.rank, "{t:?} rank {}", g.rank);
+                }
+            }
+        }
+        let mut two = cfg.clone();
+        two.exchange = Exchange::TwoSided;
+        for g in form(2, &two, TransportKind::Shm, true) {
+            assert!(g.pull.iter().all(|p| !p), "the two-sided baseline pulls");
+        }
+    }
+
+    #[test]
+    fn pulled_combine_gives_the_bits_of_pushed_combine() {
+        let mut cfg = EpConfig::new(16, 256, 4, 48);
+        cfg.timeout = Duration::from_secs(10);
+        for mode in ["reduced", "per-expert"] {
+            for send_buffers in [true, false] {
+                let p = RunParams {
+                    tokens: 40,
+                    routing: "zipf".into(),
+                    seed: 11,
+                    // Odd and more than two: both parities, reused twice.
+                    iters: 5,
+                    warmup: 0,
+                    verify: true,
+                    expert_mode: mode.into(),
+                    reuse_handle: false,
+                    send_buffers,
+                };
+                let pulled = run(form(3, &cfg, TransportKind::Shm, true), &p);
+                let pushed = run(form(3, &cfg, TransportKind::Shm, false), &p);
+                let tcp = run(form(3, &cfg, TransportKind::Tcp, true), &p);
+                assert_eq!(pulled, pushed, "{mode} send buffers {send_buffers}");
+                assert_eq!(pulled, tcp, "{mode} send buffers {send_buffers}");
+            }
         }
     }
 }

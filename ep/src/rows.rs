@@ -80,7 +80,9 @@ impl<'a> Rows<'a> {
 /// rows. Rows taken from it ([`SendBuf::rows`]) leave without a staging
 /// copy: the engine copies them straight into the peers' receive buffers
 /// (dispatch input, or [`ExpertOut::Reduced`] rows grouped by source rank as
-/// received). See [`crate::EpGroup::take_send_buffers`].
+/// received), or, for combine between ranks on one host, the peers read
+/// them in place (the buffer is an area of the group's receive region).
+/// See [`crate::EpGroup::take_send_buffers`].
 #[derive(Debug)]
 pub struct SendBuf {
     pub(crate) region: Region,
@@ -103,11 +105,14 @@ impl SendBuf {
     /// The whole buffer, for filling.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `off..off+len` lies inside the region (set at allocation),
-        // which `self.region` keeps mapped. Nothing else writes it: its
-        // descriptor never leaves this process, the group hands each buffer
-        // out once, and the engine only reads it inside a dispatch/combine
-        // that borrowed `&self` (through `rows`) and waits for those reads
-        // before returning, so no read is in flight while `&mut self` lives.
+        // which `self.region` keeps mapped. Nothing else writes it: the group
+        // hands each buffer out once, and peers never write this area of
+        // its receive region (they write only their slots and doorbells).
+        // The engine, and same-host peers pulling combine rows, only read it
+        // inside a dispatch/combine that borrowed `&self` (through `rows`),
+        // which waits for those reads (landed batches, peers' release
+        // doorbells) before returning, so no read is in flight while
+        // `&mut self` lives.
         unsafe { std::slice::from_raw_parts_mut(self.region.as_ptr().add(self.off), self.len) }
     }
 

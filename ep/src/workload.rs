@@ -387,10 +387,23 @@ fn phases(t: &crate::OpTimings) -> [f64; 6] {
     ]
 }
 
+/// How long a rank pauses after a timed operation before its untimed
+/// checks: with more ranks than cores, a rank that is done would otherwise
+/// start several milliseconds of checks (and stand-in experts) while ranks
+/// still inside the same operation wait for a core, and their times would
+/// measure this benchmark's own checks, not the operation (`moe-bench
+/// --ranks 4 --config dsv3 --expert-mode reduced` on 2 cores: dispatch p50
+/// 4.3-4.8 ms without a pause, 1.8 ms with a 3 ms one). A barrier would
+/// say this exactly, but a rank cannot enter one while it holds the
+/// dispatch's view of the group. (The MPI loop it is compared with does no
+/// work between operations.)
+const AFTER_TIMED: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Runs the benchmark loop on one rank of `g`: per iteration a barrier,
 /// a timed dispatch, the checks and the stand-in experts (untimed), a
 /// barrier, a timed combine and its check against the single-process
-/// reference. Before each timed operation a rank sleeps 1 ms, then does the
+/// reference; after each timed operation a pause ([`AFTER_TIMED`]).
+/// Before each timed operation a rank sleeps 1 ms, then does the
 /// barrier twice: the checks are CPU bursts of several milliseconds, after
 /// which the scheduler tends to preempt the rank for another process just
 /// when the timed operation starts (on a shared machine); a short sleep
@@ -474,6 +487,7 @@ pub fn run_rank(g: &mut crate::EpGroup, p: &RunParams) -> (RankReport, Option<cr
             }
         };
         let dt = t0.elapsed().as_secs_f64() * 1e6;
+        std::thread::sleep(AFTER_TIMED);
         if p.verify {
             match verify_dispatch(&recv, p.seed, cfg.hidden, cfg.dtype, cfg.dispatch_format) {
                 Ok(n) => rep.rows_checked += n,
@@ -515,6 +529,7 @@ pub fn run_rank(g: &mut crate::EpGroup, p: &RunParams) -> (RankReport, Option<cr
             return (rep, Some(e));
         }
         let ct = t0.elapsed().as_secs_f64() * 1e6;
+        std::thread::sleep(AFTER_TIMED);
         if p.verify {
             rep.combines_checked += 1;
             if y != reference.bytes {

@@ -1704,6 +1704,31 @@ impl Engine {
     pub fn region_count(&self) -> usize {
         self.shared().regions.read().len()
     }
+
+    /// A local read-only view of `remote`, a same-host peer's region, when
+    /// this engine reaches it over `shm` and has already mapped it (after a
+    /// first batch to that region); `None` otherwise (a `tcp`/`rdma` peer,
+    /// an engine or peer without `shm`, not mapped yet, revoked, or a peer
+    /// whose control channel died). Starts no connection.
+    ///
+    /// Safety contract: the view shows the peer's live memory, which the
+    /// peer (and other initiators) may change under the reader at any time;
+    /// [`crate::ShmView::bytes`] is therefore `unsafe`, and the caller must agree
+    /// with the peer through its own signalling (e.g. doorbells) on which
+    /// ranges are quiet while it reads them. The view keeps the mapping
+    /// alive; drop it when done, as a held view delays the peer's
+    /// deregistration of the region.
+    pub fn shm_view(&self, remote: &crate::RemoteRegion) -> Option<crate::ShmView> {
+        if !remote.shareable || self.shared().cfg.transport == TransportKind::Tcp {
+            return None;
+        }
+        let peer = self.peer(remote.peer).ok()?;
+        if !peer.same_host {
+            return None;
+        }
+        let view = peer.shm_ready()?.view(remote.region)?;
+        (view.len() >= remote.len).then_some(view)
+    }
 }
 
 /// What a completion callback keeps alive: the IPC mapping the copies use.

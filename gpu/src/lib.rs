@@ -72,5 +72,6 @@ pub use engine::{
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{GpuRegionDesc, MemoryKind, Region, RegionDesc, RegionId};
 pub use rdma_wire::{RdmaPeerDesc, RdmaRegionDesc};
+pub use shm::ShmView;
 pub use tcp::MAX_SLICE_BYTES;
 pub use wire::{MAX_CALL_BYTES, MAX_NOTIFY_BYTES};

@@ -337,6 +337,93 @@ impl Drop for Mapping {
     }
 }
 
+/// A local view of a same-host peer's region, mapped over `shm`
+/// ([`crate::Engine::shm_view`]): the peer's memfd pages themselves, so the
+/// bytes can be read in place instead of being copied over first.
+///
+/// The view keeps the mapping alive (a revoke from the peer waits for it,
+/// up to its bound, before the pages are unmapped here), so reading through
+/// it never faults. It is a snapshot of nothing: the peer, and anyone else
+/// mapping the region, may write the bytes at any time. Readers must agree
+/// with the writers, by their own protocol (doorbells), on which ranges are
+/// quiet while they read; [`ShmView::bytes`] is `unsafe` for that reason.
+/// Hold a view only for as long as it is read: a held view delays the
+/// peer's deregistration of the region.
+#[derive(Clone)]
+pub struct ShmView {
+    map: Arc<Mapping>,
+}
+
+impl std::fmt::Debug for ShmView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmView")
+            .field("len", &self.map.len)
+            .field("revoked", &self.is_revoked())
+            .finish()
+    }
+}
+
+impl ShmView {
+    /// Bytes of the region.
+    pub fn len(&self) -> u64 {
+        self.map.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    /// Address of the region's first byte in this process. Valid while the
+    /// view lives; the memory may change under any reader (see the type's
+    /// docs).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.ptr.as_ptr()
+    }
+
+    /// Whether the peer has since revoked the mapping (it is deregistering
+    /// the region): the bytes stay readable while the view lives but are no
+    /// longer the peer's.
+    pub fn is_revoked(&self) -> bool {
+        self.map.revoked.load(SeqCst)
+    }
+
+    /// Reads an aligned 8-byte word atomically (acquire), for words the
+    /// peer may be writing right now. Panics when out of bounds or
+    /// unaligned.
+    pub fn load_u64(&self, off: usize) -> u64 {
+        assert!(
+            off.checked_add(8).is_some_and(|e| e as u64 <= self.map.len) && off.is_multiple_of(8),
+            "word at {off} outside or unaligned in a view of {} bytes",
+            self.map.len
+        );
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned),
+        // mapped while `self` holds the Arc; read atomically because the
+        // peer may write it concurrently.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.map.ptr.as_ptr().add(off).cast()) }
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `len` bytes at `off` as a slice. Panics when out of bounds.
+    ///
+    /// # Safety
+    /// Nobody may write `off..off+len` of the region (in any process) while
+    /// the returned slice lives: the caller must know, from its protocol
+    /// with the peer, that the range is quiet (e.g. the peer rang a
+    /// doorbell after writing it and waits for a reply before writing it
+    /// again).
+    pub unsafe fn bytes(&self, off: usize, len: usize) -> &[u8] {
+        assert!(
+            off.checked_add(len)
+                .is_some_and(|e| e as u64 <= self.map.len),
+            "range {off}+{len} outside a view of {} bytes",
+            self.map.len
+        );
+        // SAFETY: in bounds (checked above) of a mapping `self` keeps alive;
+        // the caller guarantees nobody writes the range meanwhile.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(off), len) }
+    }
+}
+
 /// A control-channel answer, with the descriptor it carried (for `OP_OPEN`)
 /// and its payload (for `OP_CALL`).
 type Reply = (RespHeader, Option<OwnedFd>, Vec<u8>);
@@ -478,6 +565,16 @@ impl ShmPeer {
     /// The mapping of `region`, if already open.
     pub(crate) fn mapping(&self, region: RegionId) -> Option<Arc<Mapping>> {
         self.maps.lock().get(&region).cloned()
+    }
+
+    /// A view of `region` when it is mapped and not revoked.
+    pub(crate) fn view(&self, region: RegionId) -> Option<ShmView> {
+        if self.dead.load(SeqCst) {
+            return None;
+        }
+        self.mapping(region)
+            .filter(|m| !m.revoked.load(SeqCst))
+            .map(|map| ShmView { map })
     }
 
     /// Opens (maps) `region` unless already mapped.

@@ -327,3 +327,66 @@ fn a_timed_out_deregister_can_be_retried() {
         Err(kvmesh_gpu::Error::UnknownRegion(_))
     ));
 }
+
+#[test]
+fn shm_view_shows_a_mapped_same_host_region_and_nothing_else() {
+    // shm: no view before the first batch maps the region, then the peer's
+    // live bytes; gone once the peer deregisters the region.
+    let target = engine(TransportKind::Shm);
+    let served = target.alloc(1 << 20, MemoryKind::Host).unwrap();
+    served.fill(0, 1 << 20, 3).unwrap();
+    let e = engine(TransportKind::Shm);
+    let remote = e.import(&served.desc());
+    assert!(e.shm_view(&remote).is_none(), "mapped before any batch");
+    let local = e.alloc(4096, MemoryKind::Host).unwrap();
+    local.fill(0, 4096, 5).unwrap();
+    let st = e
+        .submit(
+            &[Op::write(local.id(), 0, remote, 4096, 4096)],
+            BatchOptions::default(),
+        )
+        .unwrap()
+        .wait_blocking(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(st.result, Ok(()));
+    let view = e.shm_view(&remote).expect("a view once mapped");
+    assert_eq!(view.len(), 1 << 20);
+    assert!(!view.is_revoked());
+    // SAFETY: nobody writes the region while these slices live (the only
+    // writers are this test's own batches and `write_at`, done by now).
+    let (a, b) = unsafe { (view.bytes(0, 4096), view.bytes(4096, 4096)) };
+    assert!(a.iter().all(|&x| x == 3) && b.iter().all(|&x| x == 5));
+    // Later writes of the owner show through the same view.
+    served
+        .write_at(8, &0x0123_4567_89ab_cdefu64.to_le_bytes())
+        .unwrap();
+    assert_eq!(view.load_u64(8), 0x0123_4567_89ab_cdef);
+    // Out of bounds panics instead of reading past the mapping.
+    let v2 = view.clone();
+    // SAFETY: the range is rejected before any read.
+    let r = std::panic::catch_unwind(move || unsafe { v2.bytes(1 << 20, 1).len() });
+    assert!(r.is_err());
+    drop(view);
+    target.deregister(&served, Duration::from_secs(10)).unwrap();
+    assert!(
+        e.shm_view(&remote).is_none(),
+        "view after the region was revoked"
+    );
+
+    // tcp: never a view, even after batches.
+    let target = engine(TransportKind::Tcp);
+    let served = target.alloc(1 << 20, MemoryKind::Host).unwrap();
+    let e = engine(TransportKind::Tcp);
+    let remote = e.import(&served.desc());
+    let local = e.alloc(4096, MemoryKind::Host).unwrap();
+    let st = e
+        .submit(
+            &[Op::write(local.id(), 0, remote, 0, 4096)],
+            BatchOptions::default(),
+        )
+        .unwrap()
+        .wait_blocking(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(st.result, Ok(()));
+    assert!(e.shm_view(&remote).is_none(), "a view over tcp");
+}
