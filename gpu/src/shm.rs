@@ -567,6 +567,60 @@ impl ShmPeer {
         self.maps.lock().get(&region).cloned()
     }
 
+    /// Copies `len` bytes at `remote_offset` of the peer's mapped `region`
+    /// to `local` in the calling thread, piece by piece, calling
+    /// `after(offset, len)` once each piece has been copied. `Ok(false)`
+    /// when the region is not mapped yet (the caller runs a batch, which
+    /// maps it). Same checks as a batch's copy: a dead peer, a revoked
+    /// mapping, an out-of-bounds range.
+    ///
+    /// # Safety
+    /// `local..local+len` must be valid for writes for the whole call and
+    /// not overlap the peer's region.
+    pub(crate) unsafe fn read_direct(
+        &self,
+        region: RegionId,
+        local: *mut u8,
+        remote_offset: u64,
+        len: usize,
+        piece: usize,
+        after: &mut dyn FnMut(usize, usize),
+    ) -> Result<bool, ErrorKind> {
+        if self.dead.load(SeqCst) {
+            return Err(ErrorKind::ConnectionLost);
+        }
+        let Some(m) = self.mapping(region) else {
+            return Ok(false);
+        };
+        if m.revoked.load(SeqCst) {
+            return Err(ErrorKind::UnknownRegion);
+        }
+        if remote_offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > m.len)
+        {
+            return Err(ErrorKind::OutOfBounds);
+        }
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(piece.max(1));
+            // SAFETY: the remote range lies inside the mapping (checked
+            // above), which `m` keeps mapped; the local range is the
+            // caller's (contract above); the two never overlap.
+            unsafe {
+                let remote = m.ptr.as_ptr().add(remote_offset as usize + done);
+                std::ptr::copy_nonoverlapping(remote, local.add(done), n);
+            }
+            after(done, n);
+            done += n;
+        }
+        // A target that died during the copy did not receive the bytes.
+        if self.dead.load(SeqCst) {
+            return Err(ErrorKind::ConnectionLost);
+        }
+        Ok(true)
+    }
+
     /// A view of `region` when it is mapped and not revoked.
     pub(crate) fn view(&self, region: RegionId) -> Option<ShmView> {
         if self.dead.load(SeqCst) {

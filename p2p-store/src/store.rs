@@ -2074,7 +2074,17 @@ impl Store {
             }
         };
         let ok = async {
-            self.transfer(&[Op::read(region.id(), off, link.pool, found.at.offset, len)])
+            // Hashed piece by piece as the bytes land (in cache).
+            let mut h = ChecksumHasher::new();
+            self.inner
+                .engine
+                .read_streamed(
+                    Op::read(region.id(), off, link.pool, found.at.offset, len),
+                    self.inner.cfg.op_timeout,
+                    &mut |piece| {
+                        h.update(piece);
+                    },
+                )
                 .await
                 .ok()?;
             self.transfer(&[Op::read(scratch.id(), bb, t.table, found.slot_offset, 8)])
@@ -2085,15 +2095,13 @@ impl Store {
             if shm_index::seq_at(&seq)? != found.seq {
                 return None;
             }
-            // SAFETY: the batch that filled the range completed; the caller
-            // does not write it during the call (get contract), and staging
-            // is ours.
-            let bytes = unsafe { region.slice(off, len) }.ok()?;
-            if !found.at.checksum.matches(bytes) {
+            if h.finalize() != found.at.checksum {
                 return None;
             }
             Some(if staged.is_some() {
-                Some(bytes.to_vec())
+                // SAFETY: the read that filled the range completed; staging
+                // is ours.
+                Some(unsafe { region.slice(off, len) }.ok()?.to_vec())
             } else {
                 None
             })
