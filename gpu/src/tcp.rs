@@ -89,10 +89,12 @@ async fn serve_conn(s: &TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
     };
     let mut bounce = Bounce::default();
     let mut hb = [0u8; std::mem::size_of::<ReqHeader>()];
-    // A client that sends its next request within `reply_spin` of our last
-    // answer (a caller doing one RPC after another) gets it read by a short
-    // poll instead of a wake-up; one that paused longer last time does not
-    // make this thread poll.
+    // A client that sent an RPC within `reply_spin` of our last answer (a
+    // caller doing one operation after another on a direct connection) gets
+    // its next request read by a short poll instead of a wake-up. Only after
+    // calls: a lane's stream of reads and writes keeps this thread busy
+    // anyway, and polling there would hold the thread from the other
+    // connections it serves.
     let spin = shared.cfg.reply_spin;
     let mut poll_next = false;
     loop {
@@ -103,7 +105,7 @@ async fn serve_conn(s: &TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
         } else {
             read_exact(s, &mut hb).await
         };
-        poll_next = waited.elapsed() < spin;
+        let quick = waited.elapsed() < spin;
         match got {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -114,6 +116,7 @@ async fn serve_conn(s: &TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
             return Err(format!("bad request magic {:#x}", h.magic.get()));
         }
         let (id, region, offset, len) = (h.id.get(), h.region.get(), h.offset.get(), h.len.get());
+        poll_next = quick && h.op == wire::OP_CALL;
         match h.op {
             wire::OP_WRITE => {
                 if len > MAX_SLICE_BYTES {
