@@ -103,8 +103,10 @@ struct Args {
     #[arg(long, default_value_t = 8192)]
     shm_inline_kib: u64,
     /// Engine tuning: write shm batches of 1 MiB and more with streaming
-    /// stores. Off by default: the receiving rank reads the rows at once
-    /// (combine sums them), faster from the sender's cache than from memory.
+    /// stores. Off by default: the receiving rank reads dispatched rows at
+    /// once, faster from the sender's cache than from memory (over shm,
+    /// combine no longer writes rows to the owner: the owner reads them in
+    /// place).
     #[arg(long)]
     shm_streaming: bool,
     /// How long waiting ranks spin before yielding (µs; default: automatic).
