@@ -1140,38 +1140,23 @@ impl EpGroup {
         let seq = self.barrier_seq;
         self.barrier_seq += 1;
         let mut mine = vec![false; self.world];
-        let mut pending = Vec::new();
-        let mut data = Vec::new();
-        let r = (|| {
-            for d in self.peers().collect::<Vec<_>>() {
-                mine[d] = self.engine.shm_view(&self.remote(d)).is_some();
-                // Staging is free until the first dispatch (past the probe's
-                // first 64 bytes).
-                let off = PROBE_BYTES * (1 + d);
-                self.staging
-                    .bytes_mut(off, 8)
-                    .copy_from_slice(&u64::from(mine[d]).to_le_bytes());
-                let piece = Piece {
-                    region: self.staging_id,
-                    src_off: off,
-                    dst_off: self.rank * PROBE_BYTES + 16,
-                    len: 8,
-                };
-                self.send_part(
-                    d,
-                    Kind::Barrier,
-                    seq,
-                    0,
-                    &[piece],
-                    deadline,
-                    &mut pending,
-                    &mut data,
-                )?;
-            }
-            self.finish_sends(data, Kind::Barrier, seq, deadline, &mut pending)?;
-            self.collect_part(Kind::Barrier, seq, deadline, &mut pending)?;
-            self.settle_list(pending, deadline)
-        })();
+        let mut pieces: Vec<Option<Piece>> = vec![None; self.world];
+        for d in self.peers().collect::<Vec<_>>() {
+            mine[d] = self.engine.shm_view(&self.remote(d)).is_some();
+            // Staging is free until the first dispatch (past the probe's
+            // first 64 bytes).
+            let off = PROBE_BYTES * (1 + d);
+            self.staging
+                .bytes_mut(off, 8)
+                .copy_from_slice(&u64::from(mine[d]).to_le_bytes());
+            pieces[d] = Some(Piece {
+                region: self.staging_id,
+                src_off: off,
+                dst_off: self.rank * PROBE_BYTES + 16,
+                len: 8,
+            });
+        }
+        let r = self.barrier_inner(seq, deadline, &pieces);
         self.note(r)?;
         for s in self.peers().collect::<Vec<_>>() {
             let theirs = self.recv.bytes(s * PROBE_BYTES + 16, 8) == 1u64.to_le_bytes();
@@ -1187,20 +1172,28 @@ impl EpGroup {
         let deadline = Instant::now() + self.cfg.timeout;
         let seq = self.barrier_seq;
         self.barrier_seq += 1;
-        let r = self.barrier_inner(seq, deadline);
+        let r = self.barrier_inner(seq, deadline, &[]);
         self.note(r)
     }
 
-    fn barrier_inner(&mut self, seq: u64, deadline: Instant) -> Result<()> {
+    /// A barrier round; `extra[d]`, when given, is a piece written to peer
+    /// `d` before its doorbell.
+    fn barrier_inner(
+        &mut self,
+        seq: u64,
+        deadline: Instant,
+        extra: &[Option<Piece>],
+    ) -> Result<()> {
         let mut pending = Vec::new();
         let mut data = Vec::new();
         for d in self.peers().collect::<Vec<_>>() {
+            let piece = extra.get(d).copied().flatten();
             self.send_part(
                 d,
                 Kind::Barrier,
                 seq,
                 0,
-                &[],
+                piece.as_slice(),
                 deadline,
                 &mut pending,
                 &mut data,
