@@ -116,8 +116,9 @@ pub struct EngineConfig {
     /// How long a waiter that expects bytes within microseconds polls its
     /// TCP socket before it parks: a caller waiting for the answer on a
     /// direct connection ([`Engine::call`], [`Engine::read_streamed`],
-    /// [`Engine::write_streamed`]), and a server connection whose client
-    /// sent its last request within this long of the answer before it.
+    /// [`Engine::write_streamed`]), and a server connection that answered
+    /// an RPC sent within this long of its previous answer (waiting for the
+    /// caller's next request).
     /// Parking costs a thread wake-up or two when the bytes come, tens of
     /// microseconds on a busy or virtualized host; polling costs the
     /// waiting core at most this long. Zero never polls. Default 50 µs.
@@ -250,7 +251,7 @@ pub(crate) struct Shared {
 enum Direct {
     /// Over a direct TCP connection to this peer.
     Tcp(Arc<Peer>),
-    /// As a copy in the calling thread into or out of the peer's mapping.
+    /// As a copy in the calling thread out of the peer's mapping (reads).
     Shm(Arc<ShmPeer>),
     /// Not at all: an ordinary batch.
     No,
@@ -1450,9 +1451,11 @@ impl Engine {
     }
 
     /// Sends a small request (at most 1 MiB) to a peer's RPC handler over the
-    /// data plane (the `shm` control channel for a same-host peer, else TCP
-    /// lane 0) and returns its reply. Cancel-safe. Fails with `Unreachable`
-    /// when the peer has no handler.
+    /// data plane and returns its reply: on a direct TCP connection the
+    /// calling task drives (see `tcp_direct`), or, when every direct
+    /// connection is taken, over the `shm` control channel (same-host peer)
+    /// or TCP lane 0. Cancel-safe. Fails with `Unreachable` when the peer
+    /// has no handler.
     pub async fn call(&self, peer: PeerId, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>> {
         if req.len() as u64 > crate::wire::MAX_CALL_BYTES {
             return Err(Error::Invalid(format!(
@@ -1469,8 +1472,15 @@ impl Engine {
             // per call instead of the control channel's reader hand-offs.
             // The control channel (or a lane) is the fallback when too many
             // calls run at once.
-            if let Some(mut c) = p.direct.take(&sh, &p.desc).await? {
-                return c.call(crate::wire::OP_CALL, &req, sh.cfg.reply_spin).await;
+            match p.direct.take(&sh, &p.desc).await {
+                Ok(Some(mut c)) => {
+                    return c.call(crate::wire::OP_CALL, &req, sh.cfg.reply_spin).await
+                }
+                Ok(None) => {}
+                // A same-host peer is still reachable over its control
+                // channel.
+                Err(k) if use_shm => tracing::debug!("direct connection to {peer}: {k}"),
+                Err(k) => return Err(k),
             }
             if use_shm {
                 let sp = match p.shm_ready() {
@@ -1563,14 +1573,15 @@ impl Engine {
                     .await
                     .map(|()| true)
             };
-            match self.within(timeout, fut).await {
-                Some(Ok(true)) => return Ok(()),
-                Some(Ok(false)) => {} // every direct connection is taken
-                Some(Err(k)) => return Err(Error::Transfer(k)),
-                None => return Err(self.timed_out("read from", &op, timeout)),
+            if let Some(r) = Self::direct_outcome(self.within(timeout, fut).await, &op, timeout) {
+                return r;
             }
         }
-        self.run_one(op, timeout).await?;
+        self.submit_one(op, timeout)?
+            .wait()
+            .await
+            .result
+            .map_err(Error::Transfer)?;
         on_piece(landed(0, op.len as usize));
         Ok(())
     }
@@ -1630,27 +1641,21 @@ impl Engine {
                 .await
                 .map(|()| true)
             };
-            match self.within(timeout, fut).await {
-                Some(Ok(true)) => return Ok(()),
-                Some(Ok(false)) => {} // every direct connection is taken
-                Some(Err(k)) => return Err(Error::Transfer(k)),
-                None => return Err(self.timed_out("write to", &op, timeout)),
+            if let Some(r) = Self::direct_outcome(self.within(timeout, fut).await, &op, timeout) {
+                return r;
             }
         }
-        let b = self.submit(
-            &[op],
-            BatchOptions {
-                timeout: Some(timeout),
-                notify: None,
-            },
-        )?;
+        let b = self.submit_one(op, timeout)?;
         on_piece(source(0, op.len as usize));
         b.wait().await.result.map_err(Error::Transfer)
     }
 
-    /// The held local range of `op`, and its peer when `op` goes over TCP
-    /// between host memory on both ends and in bounds (a direct connection
-    /// can carry it).
+    /// The held local range of `op` (host memory, or an error), and how the
+    /// calling task can move it without a batch: over a direct TCP
+    /// connection, or by copying through an existing `shm` mapping (used
+    /// for reads only); [`Direct::No`] for every other route and for a
+    /// remote range the descriptor says is out of bounds (the batch then
+    /// reports it).
     fn direct_route(&self, op: &Op) -> Result<(InUse, Direct)> {
         let local = self
             .shared()
@@ -1678,20 +1683,34 @@ impl Engine {
         Ok((local, d))
     }
 
-    /// Runs a one-op batch to its end.
-    async fn run_one(&self, op: Op, timeout: Duration) -> Result<()> {
-        let b = self.submit(
+    /// Submits a one-op batch with this deadline.
+    fn submit_one(&self, op: Op, timeout: Duration) -> Result<Batch> {
+        self.submit(
             &[op],
             BatchOptions {
                 timeout: Some(timeout),
                 notify: None,
             },
-        )?;
-        b.wait().await.result.map_err(Error::Transfer)
+        )
     }
 
-    fn timed_out(&self, what: &str, op: &Op, timeout: Duration) -> Error {
-        Error::Timeout(format!("{what} {} after {timeout:?}", op.remote.peer))
+    /// What a direct transfer's outcome means for the streamed call: done
+    /// or failed (`Some`), or `None` when no direct connection was free and
+    /// a batch must run instead.
+    fn direct_outcome(
+        r: Option<std::result::Result<bool, ErrorKind>>,
+        op: &Op,
+        timeout: Duration,
+    ) -> Option<Result<()>> {
+        match r {
+            Some(Ok(true)) => Some(Ok(())),
+            Some(Ok(false)) => None,
+            Some(Err(k)) => Some(Err(Error::Transfer(k))),
+            None => Some(Err(Error::Timeout(format!(
+                "{:?} with {} after {timeout:?}",
+                op.kind, op.remote.peer
+            )))),
+        }
     }
 
     /// Runs `fut` until it ends or `timeout` passes (`None`). The deadline

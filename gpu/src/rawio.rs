@@ -61,32 +61,16 @@ pub(crate) async unsafe fn read_exact_raw<S: RawStream>(
     addr: usize,
     len: usize,
 ) -> io::Result<()> {
-    let fd: RawFd = s.as_raw_fd();
-    let mut done = 0usize;
-    while done < len {
-        let r = s.try_io_raw(Interest::READABLE, || {
-            // SAFETY: the caller guarantees the destination range is valid.
-            cvt(unsafe { libc::recv(fd, (addr + done) as *mut libc::c_void, len - done, 0) })
-        });
-        match r {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                s.ready_for(Interest::READABLE).await?
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    // SAFETY: same contract.
+    unsafe { read_exact_raw_spin(s, addr, len, std::time::Duration::ZERO) }.await
 }
 
 /// [`read_exact_raw`] for a caller that expects the bytes within
 /// microseconds: while the socket is empty it polls it with non-blocking
 /// `recv` for up to `spin` (counted from the last progress) before it parks
-/// on readiness. Parking costs two
-/// thread wake-ups (the reactor's, then this task's) when the bytes come;
-/// a short poll costs none.
+/// on readiness (zero: parks at once). Parking costs two thread wake-ups
+/// (the reactor's, then this task's) when the bytes come; a short poll
+/// costs none.
 ///
 /// # Safety
 /// As for [`read_exact_raw`].
@@ -109,6 +93,9 @@ pub(crate) async unsafe fn read_exact_raw_spin<S: RawStream>(
             Ok(n) => {
                 done += n;
                 until = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && spin.is_zero() => {
+                s.ready_for(Interest::READABLE).await?
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Polling bypasses the reactor's readiness; readiness was

@@ -129,6 +129,41 @@ impl Drop for DirectConn {
     }
 }
 
+/// Reads the answer header to request `id` of kind `op`: the status the
+/// peer answered with (`None`: success) and the payload length that
+/// follows; `Err` for a broken or malformed answer (the connection must be
+/// closed).
+async fn read_answer(
+    s: &TcpStream,
+    id: u64,
+    op: u8,
+    spin: Duration,
+) -> Result<(Option<ErrorKind>, u64), ErrorKind> {
+    let mut hb = [0u8; std::mem::size_of::<RespHeader>()];
+    // SAFETY: `hb` is ours for the call.
+    unsafe { read_exact_raw_spin(s, hb.as_mut_ptr() as usize, hb.len(), spin) }
+        .await
+        .map_err(|_| ErrorKind::ConnectionLost)?;
+    let rh = RespHeader::read_from_bytes(&hb).map_err(|_| ErrorKind::Protocol)?;
+    if rh.magic.get() != wire::MAGIC || rh.id.get() != id || rh.op != op {
+        tracing::warn!("malformed answer on a direct connection; closing it");
+        return Err(ErrorKind::Protocol);
+    }
+    if rh.status == 0 {
+        return Ok((None, rh.len.get()));
+    }
+    match ErrorKind::from_code(rh.status) {
+        Some(k) => Ok((Some(k), rh.len.get())),
+        None => {
+            tracing::warn!(
+                status = rh.status,
+                "unknown status code; closing connection"
+            );
+            Err(ErrorKind::Protocol)
+        }
+    }
+}
+
 impl DirectConn {
     /// One `OP_CALL` or `OP_CONTROL` exchange: sends `data`, returns the
     /// reply (or the error status the peer answered with).
@@ -151,27 +186,9 @@ impl DirectConn {
         unsafe { write_all_raw(s, &parts) }
             .await
             .map_err(|_| ErrorKind::ConnectionLost)?;
-        let mut hb = [0u8; std::mem::size_of::<RespHeader>()];
-        // SAFETY: `hb` is ours for the call.
-        unsafe { read_exact_raw_spin(s, hb.as_mut_ptr() as usize, hb.len(), spin) }
-            .await
-            .map_err(|_| ErrorKind::ConnectionLost)?;
-        let rh = RespHeader::read_from_bytes(&hb).map_err(|_| ErrorKind::Protocol)?;
-        let len = rh.len.get();
-        if rh.magic.get() != wire::MAGIC
-            || rh.id.get() != id
-            || rh.op != op
-            || len > wire::MAX_CALL_BYTES
-        {
-            tracing::warn!("malformed answer on a direct connection; closing it");
-            return Err(ErrorKind::Protocol);
-        }
-        let status = ErrorKind::from_code(rh.status);
-        if rh.status != 0 && status.is_none() {
-            tracing::warn!(
-                status = rh.status,
-                "unknown status code; closing connection"
-            );
+        let (status, len) = read_answer(s, id, op, spin).await?;
+        if len > wire::MAX_CALL_BYTES {
+            tracing::warn!(len, "oversized answer on a direct connection; closing it");
             return Err(ErrorKind::Protocol);
         }
         let mut reply = vec![0u8; len as usize];
@@ -225,25 +242,13 @@ impl DirectConn {
         on_piece: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<(), ErrorKind> {
         let s = &self.conn.as_ref().ok_or(ErrorKind::ConnectionLost)?.s;
-        let mut hb = [0u8; std::mem::size_of::<RespHeader>()];
-        // SAFETY: `hb` is ours for the call.
-        unsafe { read_exact_raw_spin(s, hb.as_mut_ptr() as usize, hb.len(), spin) }
-            .await
-            .map_err(|_| ErrorKind::ConnectionLost)?;
-        let rh = RespHeader::read_from_bytes(&hb).map_err(|_| ErrorKind::Protocol)?;
-        if rh.magic.get() != wire::MAGIC || rh.id.get() != id || rh.op != wire::OP_READ {
-            tracing::warn!("malformed answer on a direct connection; closing it");
-            return Err(ErrorKind::Protocol);
-        }
-        if rh.status != 0 {
-            let k = ErrorKind::from_code(rh.status).ok_or(ErrorKind::Protocol)?;
+        let (status, n) = read_answer(s, id, wire::OP_READ, spin).await?;
+        if let Some(k) = status {
             // A refused read carries no payload: the connection stays usable.
-            if rh.len.get() == 0 {
-                self.clean = true;
-            }
+            self.clean = n == 0;
             return Err(k);
         }
-        if rh.len.get() != len {
+        if n != len {
             return Err(ErrorKind::Protocol);
         }
         let mut done = 0usize;
@@ -312,26 +317,13 @@ impl DirectConn {
                 break;
             }
         }
-        let mut hb = [0u8; std::mem::size_of::<RespHeader>()];
-        // SAFETY: `hb` is ours for the call.
-        unsafe { read_exact_raw_spin(&c.s, hb.as_mut_ptr() as usize, hb.len(), spin) }
-            .await
-            .map_err(|_| ErrorKind::ConnectionLost)?;
-        let rh = RespHeader::read_from_bytes(&hb).map_err(|_| ErrorKind::Protocol)?;
-        if rh.magic.get() != wire::MAGIC
-            || rh.id.get() != id
-            || rh.op != wire::OP_WRITE
-            || rh.len.get() != 0
-        {
-            tracing::warn!("malformed answer on a direct connection; closing it");
+        let (status, n) = read_answer(&c.s, id, wire::OP_WRITE, spin).await?;
+        if n != 0 {
             return Err(ErrorKind::Protocol);
         }
-        if rh.status != 0 {
-            let k = ErrorKind::from_code(rh.status).ok_or(ErrorKind::Protocol)?;
-            self.clean = true;
-            return Err(k);
-        }
+        // A refused write was discarded by the peer: the connection stays
+        // usable.
         self.clean = true;
-        Ok(())
+        status.map_or(Ok(()), Err)
     }
 }

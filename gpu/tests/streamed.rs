@@ -1,8 +1,9 @@
-//! `Engine::read_streamed` / `write_streamed`: the caller-driven TCP path
-//! (direct connections) and the batch path (shm) move the right bytes, hand
-//! every piece over exactly once and in order, fail cleanly on bad ranges
-//! without spoiling the connection, and fall back to lanes when many run at
-//! once.
+//! `Engine::read_streamed` / `write_streamed`: over tcp (direct
+//! connections) and shm (reads copy out of the mapping once a first batch
+//! mapped it; writes are batches) they move the right bytes, hand every
+//! piece over exactly once and in order, fail cleanly on bad ranges without
+//! spoiling the connection, and stay correct with more concurrent calls
+//! than direct connections (the rest run as batches).
 
 use std::time::Duration;
 
@@ -148,7 +149,7 @@ fn a_refused_streamed_read_fails_cleanly_and_the_next_one_works() {
 }
 
 #[test]
-fn many_concurrent_streamed_reads_fall_back_to_lanes_and_stay_correct() {
+fn more_concurrent_streamed_reads_than_direct_connections_stay_correct() {
     const N: usize = 20;
     const LEN: u64 = 256 << 10;
     let target = engine(TransportKind::Tcp);
