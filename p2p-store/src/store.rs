@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -266,9 +266,70 @@ fn engine_error(what: &str, e: kvmesh_gpu::Error) -> Error {
     )
 }
 
-/// The checksum of the bytes a put stores, computed by its first copy.
+/// The checksum of the bytes a put stores, computed once per put: the copy
+/// that claims it hashes the source piece by piece while its bytes are on
+/// the wire; the other copies of the put wait for that, and hash the source
+/// themselves only if the claiming copy failed first.
 struct PutChecksum<'a> {
-    cell: &'a OnceLock<Checksum>,
+    cell: OnceLock<Checksum>,
+    claimed: AtomicBool,
+    settled: tokio::sync::Notify,
+    /// The source (empty when the checksum is known up front).
+    bytes: &'a [u8],
+}
+
+impl<'a> PutChecksum<'a> {
+    fn of(bytes: &'a [u8]) -> Self {
+        PutChecksum {
+            cell: OnceLock::new(),
+            claimed: AtomicBool::new(false),
+            settled: tokio::sync::Notify::new(),
+            bytes,
+        }
+    }
+
+    fn known(c: Checksum) -> Self {
+        PutChecksum {
+            cell: OnceLock::from(c),
+            ..PutChecksum::of(&[])
+        }
+    }
+
+    /// Whether the caller is the copy that hashes (it must then `settle`).
+    fn claim(&self) -> bool {
+        self.cell.get().is_none() && !self.claimed.swap(true, SeqCst)
+    }
+
+    /// The claiming copy's outcome: the checksum, or `None` when its write
+    /// failed (another copy then computes it).
+    fn settle(&self, c: Option<Checksum>) {
+        match c {
+            Some(c) => {
+                let _ = self.cell.set(c);
+            }
+            None => self.claimed.store(false, SeqCst),
+        }
+        self.settled.notify_waiters();
+    }
+
+    /// The checksum; waits up to `patience` for the claiming copy before
+    /// hashing the source itself (a slow copy must not hold the others past
+    /// their reservations).
+    async fn get(&self, patience: Duration) -> Checksum {
+        let until = tokio::time::Instant::now() + patience;
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if let Some(c) = self.cell.get() {
+                return *c;
+            }
+            if !self.claimed.load(SeqCst) || tokio::time::timeout_at(until, settled).await.is_err()
+            {
+                return *self.cell.get_or_init(|| Checksum::compute(self.bytes));
+            }
+        }
+    }
 }
 
 /// Where a get puts the bytes.
@@ -1412,14 +1473,11 @@ impl Store {
         opts: PutOptions,
     ) -> Result<()> {
         let t0 = Instant::now();
-        // Host memory and in bounds, or a clear error before anything moves.
         // SAFETY: the caller keeps the range unchanged during the put, and
         // the engine only reads it.
-        unsafe { region.slice(offset, len) }.map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        // Computed by the first copy, piece by piece while its WRITE is in
-        // flight, so the hash overlaps the transfer instead of preceding it.
-        let checksum = OnceLock::new();
-        let checksum = PutChecksum { cell: &checksum };
+        let bytes = unsafe { region.slice(offset, len) }
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let checksum = PutChecksum::of(bytes);
         let members = self.candidates();
         let ranked = placement::ranked(&key, &members);
         let want = opts.replicas.max(1).min(ranked.len());
@@ -1552,9 +1610,10 @@ impl Store {
                 Err(e) => return Err(e),
             }
         };
-        // The checksum is computed piece by piece while the holder receives
-        // the bytes (once per put: replicas after the first reuse it).
-        let known = checksum.cell.get().copied();
+        // One copy of the put hashes the pieces while the holder receives
+        // them; the others reuse its checksum.
+        let mine = checksum.claim();
+        let wrote = Instant::now();
         let mut h = ChecksumHasher::new();
         let st = self
             .inner
@@ -1563,14 +1622,23 @@ impl Store {
                 Op::write(region.id(), offset, link.pool, roff, len),
                 self.inner.cfg.op_timeout,
                 &mut |piece| {
-                    if known.is_none() {
+                    if mine {
                         h.update(piece);
                     }
                 },
             )
             .await
-            .map_err(|e| engine_error("transfer", e))
-            .map(|()| known.unwrap_or_else(|| *checksum.cell.get_or_init(|| h.finalize())));
+            .map_err(|e| engine_error("transfer", e));
+        if mine {
+            checksum.settle(st.is_ok().then(|| h.finalize()));
+        }
+        let st = match st {
+            // As long again as this copy's own write took, at least 1 ms.
+            Ok(()) => Ok(checksum
+                .get(wrote.elapsed().max(Duration::from_millis(1)))
+                .await),
+            Err(e) => Err(e),
+        };
         let checksum = match st {
             Ok(c) => c,
             Err(e) => {
@@ -1783,19 +1851,15 @@ impl Store {
     /// the rest of the transfer; see [`Engine::read_streamed`]).
     async fn read_one(&self, l: &Leased, region: &Region, offset: u64) -> Result<()> {
         let link = self.link_of(&l.holder)?;
-        let mut h = ChecksumHasher::new();
-        self.inner
-            .engine
-            .read_streamed(
-                Op::read(region.id(), offset, link.pool, l.grant.offset, l.len),
-                self.inner.cfg.op_timeout,
-                &mut |piece| {
-                    h.update(piece);
-                },
-            )
-            .await
-            .map_err(|e| engine_error("transfer", e))?;
-        let actual = h.finalize();
+        let actual = self
+            .read_hashed(Op::read(
+                region.id(),
+                offset,
+                link.pool,
+                l.grant.offset,
+                l.len,
+            ))
+            .await?;
         if actual != l.grant.checksum {
             self.inner.metrics.checksum_failures.fetch_add(1, Relaxed);
             return Err(Error::ChecksumMismatch {
@@ -1804,6 +1868,20 @@ impl Store {
             });
         }
         Ok(())
+    }
+
+    /// Runs one READ and returns the checksum of the bytes that landed,
+    /// hashed piece by piece as they land ([`Engine::read_streamed`]).
+    async fn read_hashed(&self, op: Op) -> Result<Checksum> {
+        let mut h = ChecksumHasher::new();
+        self.inner
+            .engine
+            .read_streamed(op, self.inner.cfg.op_timeout, &mut |piece| {
+                h.update(piece);
+            })
+            .await
+            .map_err(|e| engine_error("transfer", e))?;
+        Ok(h.finalize())
     }
 
     /// Ends leases (fire and forget: the holder also expires them). Must be
@@ -2074,17 +2152,8 @@ impl Store {
             }
         };
         let ok = async {
-            // Hashed piece by piece as the bytes land (in cache).
-            let mut h = ChecksumHasher::new();
-            self.inner
-                .engine
-                .read_streamed(
-                    Op::read(region.id(), off, link.pool, found.at.offset, len),
-                    self.inner.cfg.op_timeout,
-                    &mut |piece| {
-                        h.update(piece);
-                    },
-                )
+            let actual = self
+                .read_hashed(Op::read(region.id(), off, link.pool, found.at.offset, len))
                 .await
                 .ok()?;
             self.transfer(&[Op::read(scratch.id(), bb, t.table, found.slot_offset, 8)])
@@ -2095,7 +2164,7 @@ impl Store {
             if shm_index::seq_at(&seq)? != found.seq {
                 return None;
             }
-            if h.finalize() != found.at.checksum {
+            if actual != found.at.checksum {
                 return None;
             }
             Some(if staged.is_some() {
@@ -2517,8 +2586,7 @@ impl Store {
             ttl,
         };
         let deadline = Instant::now() + self.inner.cfg.op_timeout;
-        let known = OnceLock::from(grant.checksum);
-        let checksum = PutChecksum { cell: &known };
+        let checksum = PutChecksum::known(grant.checksum);
         let futs = task.targets.iter().map(|t| {
             self.put_one(
                 t,
