@@ -161,7 +161,7 @@ impl Checksum {
     /// Checksums `data`.
     pub fn compute(data: &[u8]) -> Checksum {
         Checksum(checksum_bytes(
-            xxhash_rust::xxh3::xxh3_128(data),
+            twox_hash::XxHash3_128::oneshot(data),
             data.len() as u64,
         ))
     }
@@ -188,7 +188,7 @@ impl Checksum {
 /// Incremental checksum over data that arrives in pieces.
 #[derive(Clone, Default)]
 pub struct ChecksumHasher {
-    state: xxhash_rust::xxh3::Xxh3Default,
+    state: twox_hash::XxHash3_128,
     len: u64,
 }
 
@@ -208,14 +208,14 @@ impl ChecksumHasher {
 
     /// Feeds more bytes.
     pub fn update(&mut self, data: &[u8]) -> &mut Self {
-        self.state.update(data);
+        self.state.write(data);
         self.len += data.len() as u64;
         self
     }
 
     /// The checksum of everything fed so far.
     pub fn finalize(&self) -> Checksum {
-        Checksum(checksum_bytes(self.state.digest128(), self.len))
+        Checksum(checksum_bytes(self.state.finish_128(), self.len))
     }
 }
 
@@ -286,6 +286,33 @@ mod tests {
             h.update(chunk);
         }
         assert_eq!(h.finalize(), Checksum::compute(&data));
+    }
+
+    /// The checksum format is stored (SSD files, commits on other peers):
+    /// its hash must stay the reference XXH3-128 (values from the reference
+    /// implementation, seed 0, default secret).
+    #[test]
+    fn checksum_is_reference_xxh3_128() {
+        let big: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for (data, want) in [
+            (&b""[..], 0x99aa06d3014798d86001c324468d497fu128),
+            (&b"kvmesh"[..], 0xbab7ac139309da62115d45f3d6a592f2),
+            (&big[..], 0x48029c5ca2eb3748ae771702cc2e882f),
+        ] {
+            assert_eq!(
+                Checksum::compute(data).as_bytes()[..16],
+                want.to_le_bytes(),
+                "{} bytes",
+                data.len()
+            );
+            let mut h = ChecksumHasher::new();
+            for piece in data.chunks(65_537) {
+                h.update(piece);
+            }
+            assert_eq!(h.finalize(), Checksum::compute(data));
+        }
     }
 
     proptest! {
