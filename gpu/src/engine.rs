@@ -257,10 +257,130 @@ enum Direct {
     No,
 }
 
-/// Answers RPCs from peers ([`Engine::call`]): gets the caller's engine id
-/// and the request, returns the reply. Runs on the engine's I/O threads, so
-/// it must be quick and must not block.
-pub type RpcHandler = Arc<dyn Fn(EngineId, &[u8]) -> Vec<u8> + Send + Sync>;
+/// Answers RPCs from peers ([`Engine::call`], [`Engine::call_bulk`]): gets
+/// the caller's engine id and the request, returns the reply. Runs on the
+/// engine's I/O threads, so it must be quick and must not block.
+pub type RpcHandler = Arc<dyn Fn(EngineId, &[u8]) -> Reply + Send + Sync>;
+
+/// What an [`RpcHandler`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// These bytes (at most 1 MiB).
+    Bytes(Vec<u8>),
+    /// `head` (at most 1 MiB), then `len` bytes (at most 64 MiB) at
+    /// `offset` of this engine's registered host region `region`. To a
+    /// caller of [`Engine::call_bulk`] over TCP the bytes go from the region
+    /// to the socket without a copy (by page reference where the region is
+    /// shareable), so they may still be read after the handler returned:
+    /// the handler must keep them in place and unchanged until the caller
+    /// is done with them (under a lease the caller ends, say). A caller of
+    /// [`Engine::call`] gets `head` and the bytes concatenated. Bytes that
+    /// cannot be sent (a range outside the region or over the limit, GPU
+    /// memory, a region deregistered meanwhile) are left out: the caller
+    /// gets `head` alone, so it still learns what the handler granted and
+    /// can end it, and sees no bulk bytes where the head announced some.
+    Bulk {
+        head: Vec<u8>,
+        region: RegionId,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(v: Vec<u8>) -> Reply {
+        Reply::Bytes(v)
+    }
+}
+
+/// Where [`Engine::call_bulk`] puts the bulk bytes of an answer.
+#[derive(Debug)]
+pub enum BulkDest<'a> {
+    /// Into this registered host region, from this offset.
+    Region(&'a Region, u64),
+    /// Into a new vector ([`BulkAnswer::bytes`]).
+    Vec,
+}
+
+/// An answer to [`Engine::call_bulk`].
+#[derive(Debug, Default)]
+pub struct BulkAnswer {
+    /// The reply's head (all of it, for a [`Reply::Bytes`] answer).
+    pub head: Vec<u8>,
+    /// How many bulk bytes followed the head.
+    pub len: u64,
+    /// Whether they landed where `place` said (false: it refused them, or
+    /// there were none).
+    pub landed: bool,
+    /// The bytes, for [`BulkDest::Vec`].
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// Where the bulk bytes of a [`Engine::call_bulk`] answer land: a held
+/// range of a local host region, or a new vector's room.
+enum Landing {
+    /// The range stays registered while the bytes land.
+    Region {
+        _held: InUse,
+        at: usize,
+    },
+    Vec(Vec<u8>),
+}
+
+impl Landing {
+    fn new(sh: &Shared, dest: BulkDest<'_>, len: u64) -> Result<Landing> {
+        match dest {
+            BulkDest::Region(r, offset) => {
+                if r.peer.engine_id != sh.desc.engine_id {
+                    return Err(Error::Invalid(
+                        "bulk destination: a region of another engine".into(),
+                    ));
+                }
+                let held = sh
+                    .checked_region(r.id(), offset, len)
+                    .map_err(|k| Error::Invalid(format!("bulk destination: {k}")))?;
+                if held.gpu_device().is_some() {
+                    return Err(Error::Invalid(
+                        "bulk destination: bulk answers land in host memory".into(),
+                    ));
+                }
+                let at = held.ptr() as usize + offset as usize;
+                Ok(Landing::Region { _held: held, at })
+            }
+            BulkDest::Vec => Ok(Landing::Vec(Vec::with_capacity(len as usize))),
+        }
+    }
+
+    /// The address of the first byte.
+    fn ptr(&mut self) -> usize {
+        match self {
+            Landing::Region { at, .. } => *at,
+            Landing::Vec(v) => v.as_mut_ptr() as usize,
+        }
+    }
+
+    /// The vector, for a vector landing.
+    ///
+    /// # Safety
+    /// All `len` bytes must have been written.
+    unsafe fn finish(self, len: u64) -> Option<Vec<u8>> {
+        match self {
+            Landing::Region { .. } => None,
+            Landing::Vec(mut v) => {
+                // SAFETY: the capacity is `len` and the caller wrote them all.
+                unsafe { v.set_len(len as usize) };
+                Some(v)
+            }
+        }
+    }
+}
+
+/// Splits a framed `OP_CALL_BULK` answer into head and bulk bytes.
+fn split_framed(framed: &[u8]) -> Option<(&[u8], &[u8])> {
+    let hl = u32::from_le_bytes(framed.get(..4)?.try_into().ok()?) as usize;
+    let rest = &framed[4..];
+    (hl <= rest.len()).then(|| rest.split_at(hl))
+}
 
 impl Shared {
     pub(crate) fn rt_handle(&self) -> &tokio::runtime::Handle {
@@ -297,12 +417,72 @@ impl Shared {
     }
 
     /// Runs the RPC handler; (status, reply).
-    pub(crate) fn answer_call(&self, from: EngineId, req: &[u8]) -> (u8, Vec<u8>) {
+    pub(crate) fn answer_call(&self, from: EngineId, req: &[u8]) -> (u8, Reply) {
         let h = self.rpc.read().clone();
         match h {
             Some(h) => (0, h(from, req)),
-            None => (ErrorKind::Unreachable.code(), Vec::new()),
+            None => (ErrorKind::Unreachable.code(), Reply::Bytes(Vec::new())),
         }
+    }
+
+    /// The bytes of a [`Reply::Bulk`], checked: the held region and the
+    /// address of the first byte; `Invalid` for a head or bulk over its
+    /// limit or for GPU memory, the region's error for a bad range (logged:
+    /// the answer then goes without them).
+    pub(crate) fn bulk_source(
+        &self,
+        head: &[u8],
+        region: RegionId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(InUse, usize), ErrorKind> {
+        let checked = || {
+            if head.len() as u64 > crate::wire::MAX_CALL_BYTES || len > crate::wire::MAX_BULK_BYTES
+            {
+                return Err(ErrorKind::Invalid);
+            }
+            let r = self.checked_region(region, offset, len)?;
+            if r.gpu_device().is_some() {
+                return Err(ErrorKind::Invalid);
+            }
+            let at = r.ptr() as usize + offset as usize;
+            Ok((r, at))
+        };
+        checked().inspect_err(|k| {
+            tracing::warn!(region, offset, len, "bulk bytes left out of an answer: {k}")
+        })
+    }
+
+    /// An answer as one buffer, for channels that send from one: framed
+    /// (`u32` head length, head, bulk) for `OP_CALL_BULK`, head and bulk
+    /// concatenated for `OP_CALL`; (status, payload).
+    pub(crate) fn answer_payload(&self, op: u8, status: u8, reply: Reply) -> (u8, Vec<u8>) {
+        let framed = op == crate::wire::OP_CALL_BULK;
+        let (head, bulk) = match reply {
+            Reply::Bytes(v) if !framed => return (status, v),
+            Reply::Bytes(v) => (v, None),
+            Reply::Bulk {
+                head,
+                region,
+                offset,
+                len,
+            } => {
+                let src = self.bulk_source(&head, region, offset, len);
+                (head, src.map(|src| (src, len as usize)).ok())
+            }
+        };
+        let blen = bulk.as_ref().map_or(0, |b| b.1);
+        let mut out = Vec::with_capacity(4 + head.len() + blen);
+        if framed {
+            out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&head);
+        if let Some(((_held, at), n)) = bulk {
+            // SAFETY: checked against the region, which `_held` keeps
+            // registered; the handler keeps the bytes unchanged.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(at as *const u8, n) });
+        }
+        (status, out)
     }
 
     /// Answers an engine control message (`OP_CONTROL`) from `from`:
@@ -1457,51 +1637,178 @@ impl Engine {
     /// or TCP lane 0. Cancel-safe. Fails with `Unreachable` when the peer
     /// has no handler.
     pub async fn call(&self, peer: PeerId, req: Vec<u8>, timeout: Duration) -> Result<Vec<u8>> {
+        Self::check_call_size(&req)?;
+        let p = self.peer(peer)?;
+        let sh = self.shared().clone();
+        let fut = async move {
+            match Self::call_conn(&sh, &p, peer).await? {
+                Some(mut c) => c.call(crate::wire::OP_CALL, &req, sh.cfg.reply_spin).await,
+                None => Self::call_fallback(&sh, &p, crate::wire::OP_CALL, req).await,
+            }
+        };
+        match self.within(timeout, fut).await {
+            Some(r) => r.map_err(Error::Transfer),
+            None => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
+        }
+    }
+
+    /// Like [`Engine::call`], for a handler that may answer with
+    /// [`Reply::Bulk`]: the bytes after the reply's head land where `place`
+    /// says, without a reply buffer in between. `place(head, len)` sees the
+    /// head before any bulk byte arrives and returns the destination of the
+    /// `len` bytes (`None` refuses them: they are read and dropped). Each
+    /// landed piece goes to `on_piece`, in order, while the rest is still
+    /// arriving (a caller that checksums the bytes does so while they are
+    /// in cache).
+    ///
+    /// On a direct TCP connection the bytes are received straight into the
+    /// destination (and the peer sends them straight from its region): one
+    /// round trip and no copy besides the socket's. Over the fallback
+    /// channels (see [`Engine::call`]) the answer arrives whole and is
+    /// copied to the destination. A region destination must be host memory
+    /// of this engine with room for `len` bytes; after an error it holds
+    /// undefined bytes.
+    pub async fn call_bulk<'r>(
+        &self,
+        peer: PeerId,
+        req: Vec<u8>,
+        timeout: Duration,
+        place: &mut (dyn FnMut(&[u8], u64) -> Option<BulkDest<'r>> + Send),
+        on_piece: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<BulkAnswer> {
+        Self::check_call_size(&req)?;
+        let p = self.peer(peer)?;
+        let sh = self.shared().clone();
+        let op = crate::wire::OP_CALL_BULK;
+        let fut = async {
+            let transfer = Error::Transfer;
+            let Some(mut c) = Self::call_conn(&sh, &p, peer).await.map_err(transfer)? else {
+                let framed = Self::call_fallback(&sh, &p, op, req)
+                    .await
+                    .map_err(transfer)?;
+                let (head, bulk) =
+                    split_framed(&framed).ok_or(Error::Transfer(ErrorKind::Protocol))?;
+                let mut ans = BulkAnswer {
+                    head: head.to_vec(),
+                    len: bulk.len() as u64,
+                    ..BulkAnswer::default()
+                };
+                if let Some(dest) = place(&ans.head, ans.len).filter(|_| ans.len > 0) {
+                    let mut land = Landing::new(&sh, dest, ans.len)?;
+                    let base = land.ptr();
+                    for (i, piece) in bulk.chunks(crate::tcp_direct::PIECE_BYTES).enumerate() {
+                        let at = base + i * crate::tcp_direct::PIECE_BYTES;
+                        // SAFETY: inside the landing's checked `len` bytes,
+                        // which nothing else references during the call.
+                        let to =
+                            unsafe { std::slice::from_raw_parts_mut(at as *mut u8, piece.len()) };
+                        to.copy_from_slice(piece);
+                        on_piece(to);
+                    }
+                    // SAFETY: all `len` bytes were written above.
+                    ans.bytes = unsafe { land.finish(ans.len) };
+                    ans.landed = true;
+                }
+                return Ok(ans);
+            };
+            let (head, len) = c
+                .call_head(&req, sh.cfg.reply_spin)
+                .await
+                .map_err(transfer)?;
+            let mut ans = BulkAnswer {
+                head,
+                len,
+                ..BulkAnswer::default()
+            };
+            if len == 0 {
+                return Ok(ans);
+            }
+            let Some(dest) = place(&ans.head, len) else {
+                c.skip_bulk(len).await.map_err(transfer)?;
+                return Ok(ans);
+            };
+            let mut land = Landing::new(&sh, dest, len)?;
+            let base = land.ptr();
+            let mut hand = |off: usize, n: usize| {
+                // SAFETY: a landed piece inside the landing's checked range.
+                on_piece(unsafe { std::slice::from_raw_parts((base + off) as *const u8, n) })
+            };
+            // SAFETY: the landing holds `len` writable bytes at `base` that
+            // nothing else references during the call.
+            unsafe { c.recv_bulk(len, base, sh.cfg.reply_spin, &mut hand) }
+                .await
+                .map_err(transfer)?;
+            // SAFETY: all `len` bytes landed.
+            ans.bytes = unsafe { land.finish(len) };
+            ans.landed = true;
+            Ok(ans)
+        };
+        match self.within(timeout, fut).await {
+            Some(r) => r,
+            None => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
+        }
+    }
+
+    fn check_call_size(req: &[u8]) -> Result<()> {
         if req.len() as u64 > crate::wire::MAX_CALL_BYTES {
             return Err(Error::Invalid(format!(
                 "call of {} bytes exceeds 1 MiB",
                 req.len()
             )));
         }
-        let p = self.peer(peer)?;
-        let sh = self.shared().clone();
-        let use_shm = sh.cfg.transport != TransportKind::Tcp && p.same_host && p.desc.shm.is_some();
-        let fut = async move {
-            // The caller drives a TCP connection of its own (see
-            // `tcp_direct`), same-host peers included: one thread wake-up
-            // per call instead of the control channel's reader hand-offs.
-            // The control channel (or a lane) is the fallback when too many
-            // calls run at once.
-            match p.direct.take(&sh, &p.desc).await {
-                Ok(Some(mut c)) => {
-                    return c.call(crate::wire::OP_CALL, &req, sh.cfg.reply_spin).await
-                }
-                Ok(None) => {}
-                // A same-host peer is still reachable over its control
-                // channel.
-                Err(k) if use_shm => tracing::debug!("direct connection to {peer}: {k}"),
-                Err(k) => return Err(k),
+        Ok(())
+    }
+
+    /// A direct connection for one RPC to `p`, or `None` when the caller
+    /// must use the fallback channel ([`Engine::call_fallback`]).
+    ///
+    /// The caller drives a TCP connection of its own (see `tcp_direct`),
+    /// same-host peers included: one thread wake-up per call instead of the
+    /// control channel's reader hand-offs. The fallback is for when too many
+    /// calls run at once, or a same-host peer cannot be reached over TCP.
+    async fn call_conn(
+        sh: &Arc<Shared>,
+        p: &Arc<Peer>,
+        peer: PeerId,
+    ) -> std::result::Result<Option<crate::tcp_direct::DirectConn>, ErrorKind> {
+        match p.direct.take(sh, &p.desc).await {
+            Ok(c) => Ok(c),
+            Err(k) if Self::call_over_shm(sh, p) => {
+                tracing::debug!("direct connection to {peer}: {k}");
+                Ok(None)
             }
-            if use_shm {
-                let sp = match p.shm_ready() {
-                    Some(sp) => sp,
-                    None => p.shm_peer(&sh).await?,
-                };
-                return sp.call(&req).await;
-            }
-            let lane = p.lane(&sh, 0);
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            lane.try_send(LaneJob::Call {
-                data: req,
-                done: tx,
-            })
-            .map_err(|(k, _)| k)?;
-            rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
-        };
-        match self.within(timeout, fut).await {
-            Some(r) => r.map_err(Error::Transfer),
-            None => Err(Error::Timeout(format!("call to {peer} after {timeout:?}"))),
+            Err(k) => Err(k),
         }
+    }
+
+    fn call_over_shm(sh: &Shared, p: &Peer) -> bool {
+        sh.cfg.transport != TransportKind::Tcp && p.same_host && p.desc.shm.is_some()
+    }
+
+    /// One RPC (`op`) over the `shm` control channel of a same-host peer,
+    /// else over TCP lane 0.
+    async fn call_fallback(
+        sh: &Arc<Shared>,
+        p: &Arc<Peer>,
+        op: u8,
+        req: Vec<u8>,
+    ) -> std::result::Result<Vec<u8>, ErrorKind> {
+        if Self::call_over_shm(sh, p) {
+            let sp = match p.shm_ready() {
+                Some(sp) => sp,
+                None => p.shm_peer(sh).await?,
+            };
+            return sp.call(op, &req).await;
+        }
+        let lane = p.lane(sh, 0);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lane.try_send(LaneJob::Call {
+            op,
+            data: req,
+            done: tx,
+        })
+        .map_err(|(k, _)| k)?;
+        rx.await.unwrap_or(Err(ErrorKind::ConnectionLost))
     }
 
     /// Runs one READ (`op`, which must read) and hands each landed piece of

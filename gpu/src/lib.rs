@@ -67,11 +67,12 @@ pub mod size;
 pub use batch::{Batch, BatchId, BatchOptions, BatchStatus, Op, OpKind, OpStatus, RemoteRegion};
 pub use desc::{local_host_id, machine_id, EngineId, PeerDesc, DESC_VERSION};
 pub use engine::{
-    Engine, EngineConfig, Notification, PeerId, RdmaSettings, RpcHandler, TransportKind,
+    BulkAnswer, BulkDest, Engine, EngineConfig, Notification, PeerId, RdmaSettings, Reply,
+    RpcHandler, TransportKind,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{GpuRegionDesc, MemoryKind, Region, RegionDesc, RegionId};
 pub use rdma_wire::{RdmaPeerDesc, RdmaRegionDesc};
 pub use shm::ShmView;
 pub use tcp::MAX_SLICE_BYTES;
-pub use wire::{MAX_CALL_BYTES, MAX_NOTIFY_BYTES};
+pub use wire::{MAX_BULK_BYTES, MAX_CALL_BYTES, MAX_NOTIFY_BYTES};

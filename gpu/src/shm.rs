@@ -246,7 +246,7 @@ async fn serve_conn(id: u64, conn: &Arc<ServerConn>, shared: &Arc<Shared>) -> Re
                     .await
                     .map_err(|e| format!("notify reply: {e}"))?;
             }
-            wire::OP_CALL => {
+            wire::OP_CALL | wire::OP_CALL_BULK => {
                 let len = h.len.get();
                 if len > wire::MAX_CALL_BYTES {
                     return Err(format!(
@@ -259,7 +259,8 @@ async fn serve_conn(id: u64, conn: &Arc<ServerConn>, shared: &Arc<Shared>) -> Re
                     .await
                     .map_err(|e| format!("call payload: {e}"))?;
                 let (status, reply) = shared.answer_call(peer, &data);
-                let rh = RespHeader::new(wire::OP_CALL, status, rid, reply.len() as u64);
+                let (status, reply) = shared.answer_payload(h.op, status, reply);
+                let rh = RespHeader::new(h.op, status, rid, reply.len() as u64);
                 let _g = conn.write.lock().await;
                 write_all(s, rh.as_bytes())
                     .await
@@ -425,7 +426,7 @@ impl ShmView {
 }
 
 /// A control-channel answer, with the descriptor it carried (for `OP_OPEN`)
-/// and its payload (for `OP_CALL`).
+/// and its payload (for `OP_CALL` and `OP_CALL_BULK`).
 type Reply = (RespHeader, Option<OwnedFd>, Vec<u8>);
 
 /// The initiator's connection to one target's shm channel.
@@ -508,8 +509,13 @@ impl ShmPeer {
             };
             fds.clear();
             let mut payload = Vec::new();
-            if h.op == wire::OP_CALL {
-                if h.len.get() > wire::MAX_CALL_BYTES {
+            if h.op == wire::OP_CALL || h.op == wire::OP_CALL_BULK {
+                let most = if h.op == wire::OP_CALL_BULK {
+                    wire::MAX_BULK_ANSWER
+                } else {
+                    wire::MAX_CALL_BYTES
+                };
+                if h.len.get() > most {
                     break "oversized call reply".into();
                 }
                 payload = vec![0u8; h.len.get() as usize];
@@ -666,10 +672,11 @@ impl ShmPeer {
         ErrorKind::from_code(h.status).map_or(Ok(()), Err)
     }
 
-    /// Sends an RPC and returns the reply payload.
-    pub(crate) async fn call(&self, data: &[u8]) -> Result<Vec<u8>, ErrorKind> {
+    /// Sends an RPC (`OP_CALL` or `OP_CALL_BULK`) and returns the reply
+    /// payload.
+    pub(crate) async fn call(&self, op: u8, data: &[u8]) -> Result<Vec<u8>, ErrorKind> {
         let id = self.next_id.fetch_add(1, SeqCst);
-        let h = ReqHeader::new(wire::OP_CALL, id, 0, 0, data.len() as u64);
+        let h = ReqHeader::new(op, id, 0, 0, data.len() as u64);
         let (h, _, payload) = self.request(h, data).await?;
         ErrorKind::from_code(h.status).map_or(Ok(payload), Err)
     }

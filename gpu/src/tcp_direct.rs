@@ -165,6 +165,27 @@ async fn read_answer(
 }
 
 impl DirectConn {
+    /// Sends an `op` request carrying `data`; returns its id.
+    async fn send_call(&mut self, op: u8, data: &[u8]) -> Result<u64, ErrorKind> {
+        self.clean = false;
+        let c = self.conn.as_mut().ok_or(ErrorKind::ConnectionLost)?;
+        let id = c.next();
+        let h = ReqHeader::new(op, id, 0, 0, data.len() as u64);
+        let parts = [
+            (h.as_bytes().as_ptr() as usize, h.as_bytes().len()),
+            (data.as_ptr() as usize, data.len()),
+        ];
+        // SAFETY: both buffers live on this frame for the call.
+        unsafe { write_all_raw(&c.s, &parts) }
+            .await
+            .map_err(|_| ErrorKind::ConnectionLost)?;
+        Ok(id)
+    }
+
+    fn stream(&self) -> Result<&TcpStream, ErrorKind> {
+        Ok(&self.conn.as_ref().ok_or(ErrorKind::ConnectionLost)?.s)
+    }
+
     /// One `OP_CALL` or `OP_CONTROL` exchange: sends `data`, returns the
     /// reply (or the error status the peer answered with).
     pub(crate) async fn call(
@@ -173,32 +194,132 @@ impl DirectConn {
         data: &[u8],
         spin: Duration,
     ) -> Result<Vec<u8>, ErrorKind> {
-        self.clean = false;
-        let c = self.conn.as_mut().ok_or(ErrorKind::ConnectionLost)?;
-        let id = c.next();
-        let s = &c.s;
-        let h = ReqHeader::new(op, id, 0, 0, data.len() as u64);
-        let parts = [
-            (h.as_bytes().as_ptr() as usize, h.as_bytes().len()),
-            (data.as_ptr() as usize, data.len()),
-        ];
-        // SAFETY: both buffers live on this frame for the call.
-        unsafe { write_all_raw(s, &parts) }
-            .await
-            .map_err(|_| ErrorKind::ConnectionLost)?;
+        let id = self.send_call(op, data).await?;
+        let s = self.stream()?;
         let (status, len) = read_answer(s, id, op, spin).await?;
         if len > wire::MAX_CALL_BYTES {
             tracing::warn!(len, "oversized answer on a direct connection; closing it");
             return Err(ErrorKind::Protocol);
         }
-        let mut reply = vec![0u8; len as usize];
-        // SAFETY: `reply` is ours for the call.
-        unsafe { read_exact_raw_spin(s, reply.as_mut_ptr() as usize, reply.len(), spin) }
-            .await
-            .map_err(|_| ErrorKind::ConnectionLost)?;
+        let reply = recv_vec(s, len as usize, spin).await?;
         self.clean = true;
         status.map_or(Ok(reply), Err)
     }
+
+    /// Sends an `OP_CALL_BULK` request and receives its answer up to the
+    /// bulk bytes: (head, bulk length). Bulk bytes must then be taken with
+    /// [`DirectConn::recv_bulk`] or [`DirectConn::skip_bulk`] before the
+    /// connection serves another exchange.
+    pub(crate) async fn call_head(
+        &mut self,
+        data: &[u8],
+        spin: Duration,
+    ) -> Result<(Vec<u8>, u64), ErrorKind> {
+        let op = wire::OP_CALL_BULK;
+        let id = self.send_call(op, data).await?;
+        let s = self.stream()?;
+        let (status, len) = read_answer(s, id, op, spin).await?;
+        if len > wire::MAX_BULK_ANSWER {
+            tracing::warn!(len, "oversized answer on a direct connection; closing it");
+            return Err(ErrorKind::Protocol);
+        }
+        if let Some(k) = status {
+            crate::rawio::discard(s, len)
+                .await
+                .map_err(|_| ErrorKind::ConnectionLost)?;
+            self.clean = true;
+            return Err(k);
+        }
+        let mut hl = [0u8; 4];
+        // SAFETY: `hl` is ours for the call.
+        unsafe { read_exact_raw_spin(s, hl.as_mut_ptr() as usize, 4, spin) }
+            .await
+            .map_err(|_| ErrorKind::ConnectionLost)?;
+        let head_len = u64::from(u32::from_le_bytes(hl));
+        let Some(bulk) = len.checked_sub(4 + head_len) else {
+            tracing::warn!(
+                len,
+                head_len,
+                "malformed bulk answer; closing the connection"
+            );
+            return Err(ErrorKind::Protocol);
+        };
+        if head_len > wire::MAX_CALL_BYTES || bulk > wire::MAX_BULK_BYTES {
+            tracing::warn!(
+                len,
+                head_len,
+                "oversized bulk answer; closing the connection"
+            );
+            return Err(ErrorKind::Protocol);
+        }
+        let head = recv_vec(s, head_len as usize, spin).await?;
+        self.clean = bulk == 0;
+        Ok((head, bulk))
+    }
+
+    /// Receives the `len` bulk bytes announced by [`DirectConn::call_head`]
+    /// into `dst..dst+len`, handing each landed piece to `on_piece` as in
+    /// [`DirectConn::recv_read`].
+    ///
+    /// # Safety
+    /// As for [`DirectConn::recv_read`].
+    pub(crate) async unsafe fn recv_bulk(
+        &mut self,
+        len: u64,
+        dst: usize,
+        spin: Duration,
+        on_piece: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<(), ErrorKind> {
+        // SAFETY: the caller's contract.
+        unsafe { recv_pieces(self.stream()?, len, dst, spin, on_piece) }.await?;
+        self.clean = true;
+        Ok(())
+    }
+
+    /// Reads and drops the `len` bulk bytes announced by
+    /// [`DirectConn::call_head`].
+    pub(crate) async fn skip_bulk(&mut self, len: u64) -> Result<(), ErrorKind> {
+        crate::rawio::discard(self.stream()?, len)
+            .await
+            .map_err(|_| ErrorKind::ConnectionLost)?;
+        self.clean = true;
+        Ok(())
+    }
+}
+
+/// Receives `len` bytes into a new vector.
+async fn recv_vec(s: &TcpStream, len: usize, spin: Duration) -> Result<Vec<u8>, ErrorKind> {
+    let mut v = vec![0u8; len];
+    // SAFETY: `v` is ours for the call.
+    unsafe { read_exact_raw_spin(s, v.as_mut_ptr() as usize, len, spin) }
+        .await
+        .map_err(|_| ErrorKind::ConnectionLost)?;
+    Ok(v)
+}
+
+/// Receives `len` bytes into `dst..dst+len` in pieces of [`PIECE_BYTES`],
+/// calling `on_piece(offset, len)` after each.
+///
+/// # Safety
+/// `dst..dst+len` must be valid for writes for the whole call.
+async unsafe fn recv_pieces(
+    s: &TcpStream,
+    len: u64,
+    dst: usize,
+    spin: Duration,
+    on_piece: &mut (dyn FnMut(usize, usize) + Send),
+) -> Result<(), ErrorKind> {
+    let mut done = 0usize;
+    while done < len as usize {
+        let n = (len as usize - done).min(PIECE_BYTES);
+        // SAFETY: inside the caller's range.
+        unsafe { read_exact_raw_spin(s, dst + done, n, spin) }
+            .await
+            .map_err(|_| ErrorKind::ConnectionLost)?;
+        on_piece(done, n);
+        done += n;
+    }
+    Ok(())
 }
 
 /// Bytes received before each hand-over to the caller's `on_piece`: small
@@ -251,16 +372,8 @@ impl DirectConn {
         if n != len {
             return Err(ErrorKind::Protocol);
         }
-        let mut done = 0usize;
-        while done < len as usize {
-            let n = (len as usize - done).min(PIECE_BYTES);
-            // SAFETY: inside the caller's range (contract above).
-            unsafe { read_exact_raw_spin(s, dst + done, n, spin) }
-                .await
-                .map_err(|_| ErrorKind::ConnectionLost)?;
-            on_piece(done, n);
-            done += n;
-        }
+        // SAFETY: the caller's contract.
+        unsafe { recv_pieces(s, len, dst, spin, on_piece) }.await?;
         self.clean = true;
         Ok(())
     }

@@ -43,6 +43,12 @@ pub const OP_PING: u8 = 8;
 /// credits), answered like `OP_CALL`. Only sent to engines whose descriptor
 /// advertises RDMA; answered `Unreachable` by engines running without it.
 pub const OP_CONTROL: u8 = 9;
+/// An RPC like `OP_CALL` whose answer may carry bulk bytes straight from a
+/// registered region of the peer (see `Engine::call_bulk`). The answer's
+/// payload is always framed: a little-endian `u32` head length, the head
+/// (at most [`MAX_CALL_BYTES`]), then the bulk bytes (at most
+/// [`MAX_BULK_BYTES`]).
+pub const OP_CALL_BULK: u8 = 10;
 
 /// `ReqHeader::flags` of `OP_WRITE`: answer this write even when it succeeds.
 /// Successful writes without it are acknowledged by the next answer on the
@@ -51,6 +57,12 @@ pub const FLAG_ACK: u8 = 1;
 
 /// Largest RPC request or response payload.
 pub const MAX_CALL_BYTES: u64 = 1 << 20;
+
+/// Largest bulk part of an `OP_CALL_BULK` answer.
+pub const MAX_BULK_BYTES: u64 = 64 << 20;
+
+/// Largest whole `OP_CALL_BULK` answer payload.
+pub const MAX_BULK_ANSWER: u64 = 4 + MAX_CALL_BYTES + MAX_BULK_BYTES;
 
 /// Largest notification payload.
 pub const MAX_NOTIFY_BYTES: u64 = 64 * 1024;
@@ -98,7 +110,7 @@ pub struct ReqHeader {
 }
 
 /// A response; `len` bytes of payload follow for a successful `OP_READ`
-/// and for `OP_CALL`.
+/// and for `OP_CALL` and `OP_CALL_BULK`.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RespHeader {

@@ -287,7 +287,7 @@ fn rpc_calls_reach_the_handler_on_both_channels() {
             assert_eq!(from, me);
             let mut r = req.to_vec();
             r.reverse();
-            r
+            r.into()
         }));
         for len in [0usize, 1, 4096, 1 << 20] {
             let req: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();

@@ -11,7 +11,12 @@
 //! ```text
 //! put: Reserve ─► (engine WRITE into the holder's pool) ─► Commit{checksum, holders}
 //! get: Lease ─► (engine READ from the holder's pool) ─► verify ─► Release
+//! get: Fetch ─► (the bytes follow the reply, sent from the pool) ─► verify ─► Release
 //! ```
+//! A `Fetch` travels with [`kvmesh_gpu::Engine::call_bulk`]: the holder
+//! answers with a lease and the object's bytes straight from its pool, and
+//! the client receives them into its destination, so a get costs one round
+//! trip and no copy besides the socket's.
 //! Every message starts with a version; decoding is bounded by the engine's
 //! 1 MiB call limit and rejects trailing bytes.
 
@@ -22,7 +27,7 @@ use crate::key::{Checksum, ObjectKey};
 use crate::peer::PeerId;
 
 /// Version of [`Request`]/[`Response`].
-pub const RPC_VERSION: u16 = 1;
+pub const RPC_VERSION: u16 = 2;
 /// Most keys in one batched request.
 pub const MAX_BATCH_KEYS: usize = 4096;
 
@@ -62,9 +67,17 @@ pub enum Request {
         duration_ms: u64,
         /// Leases of the same owner to end first (deferred releases).
         release: Vec<u64>,
-        /// For a single key: objects up to this many bytes come back inside
-        /// the reply ([`Response::Inline`]) instead of as a lease (0: never).
-        inline_max: u32,
+    },
+    /// Lease one key for `duration_ms` and send its bytes after the reply
+    /// ([`Response::Fetched`], only with `Engine::call_bulk`) when it has at
+    /// most `max_len` bytes; a larger object is answered as a plain lease
+    /// ([`Response::Leases`]), a failure as in `Lease`.
+    Fetch {
+        key: ObjectKey,
+        duration_ms: u64,
+        /// Leases of the same owner to end first (deferred releases).
+        release: Vec<u64>,
+        max_len: u64,
     },
     /// End leases (batched).
     Release { leases: Vec<u64> },
@@ -127,11 +140,10 @@ pub enum Response {
     Leases(Vec<Result<Grant, ErrorKind>>),
     Flags(Vec<bool>),
     Stat(HolderStat),
-    /// A small object's bytes, copied under a lease that already ended.
-    Inline {
+    /// The answer to [`Request::Fetch`]: the object's `grant.len` bytes
+    /// follow, under this lease.
+    Fetched {
         grant: Grant,
-        #[serde(with = "serde_bytes")]
-        bytes: Vec<u8>,
     },
     /// A location table: its region descriptor (empty: none) and buckets.
     LocationTable {
@@ -195,6 +207,7 @@ impl Batched for Request {
     fn batch_len(&self) -> usize {
         match self {
             Request::Lease { keys, release, .. } => keys.len().max(release.len()),
+            Request::Fetch { release, .. } => release.len(),
             Request::Contains { keys } => keys.len(),
             Request::Release { leases } => leases.len(),
             Request::Commit { holders, .. } | Request::SetHolders { holders, .. } => holders.len(),
@@ -253,7 +266,6 @@ mod tests {
             keys: vec![ObjectKey::for_content(b"a")],
             duration_ms: 5,
             release: vec![7, 9],
-            inline_max: 4096,
         };
         let b = encode(&r);
         assert_eq!(decode::<Request>(&b).unwrap(), r);

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use kvmesh_gpu::{
-    BatchOptions, Engine, EngineConfig, EngineId, MemoryKind, Op, Region, RegionDesc, RemoteRegion,
-    TransportKind,
+    BatchOptions, BulkDest, Engine, EngineConfig, EngineId, MemoryKind, Op, Region, RegionDesc,
+    RemoteRegion, Reply, TransportKind,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -209,21 +209,33 @@ pub struct StoreStats {
     pub announces_received: u64,
 }
 
-/// What a get's lease request brought back.
+/// What a get's request to one holder brought back.
 enum Got {
     /// A lease: read the bytes with the engine, then release.
     Lease(Leased),
-    /// A small object's bytes, inside the reply (no lease left open).
-    Bytes {
-        holder: PeerId,
-        checksum: Checksum,
-        bytes: Vec<u8>,
+    /// The bytes, already in the destination (one round trip, see
+    /// [`Request::Fetch`]), and the checksum of what landed; the lease is
+    /// still to be released.
+    Landed {
+        lease: Leased,
+        actual: Checksum,
+        bytes: Option<Vec<u8>>,
     },
+    /// The holder granted the object but its bytes did not land (released).
+    Failed { holder: PeerId, error: Error },
 }
 
-/// Largest object a get over a link without `shm` asks to receive inside
-/// the lease reply: one round trip instead of a lease, a READ and a release.
-const INLINE_MAX: u64 = 256 << 10;
+/// How a [`Request::Fetch`] ended.
+enum FetchOutcome {
+    /// The bytes landed: the grant, the checksum of what landed, and the
+    /// vector for a vector destination.
+    Landed(Grant, Checksum, Option<Vec<u8>>),
+    /// An answer without bytes: a lease of an object too large for the
+    /// destination, or a refusal.
+    Answer(Response),
+    /// Granted, but the bytes did not land (the lease is released).
+    Broken(Error),
+}
 
 /// A lease on one object at one holder, from [`Store::lease_many`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1112,18 +1124,28 @@ impl Store {
                             kind: ErrorKind::Internal,
                             message: "shutting down".into(),
                         })
+                        .into()
                     }
                 };
                 let store = Store { inner };
                 store.inner.metrics.rpc_served.fetch_add(1, Relaxed);
                 let resp = match rpc::decode::<Request>(req) {
+                    Ok(Request::Fetch {
+                        key,
+                        duration_ms,
+                        release,
+                        max_len,
+                    }) => {
+                        let d = Duration::from_millis(duration_ms);
+                        return store.serve_fetch(from, key, d, release, max_len);
+                    }
                     Ok(r) => store.serve(from, r),
                     Err(m) => Response::Error {
                         kind: ErrorKind::Invalid,
                         message: m,
                     },
                 };
-                rpc::encode(&resp)
+                rpc::encode(&resp).into()
             }));
     }
 
@@ -1214,21 +1236,9 @@ impl Store {
                 keys,
                 duration_ms,
                 release,
-                inline_max,
             } => {
-                if !release.is_empty() {
-                    let mut h = holder.lock();
-                    for l in release {
-                        let _ = h.release(&owner, LeaseId(l));
-                    }
-                }
+                self.release_local(&owner, release);
                 let d = Duration::from_millis(duration_ms);
-                if let ([key], true) = (keys.as_slice(), inline_max > 0) {
-                    return match self.lease_local(now, &owner, key, d) {
-                        Ok(g) if g.len <= u64::from(inline_max) => self.inline_reply(&owner, g),
-                        r => Response::Leases(vec![r]),
-                    };
-                }
                 Response::Leases(
                     keys.iter()
                         .map(|k| self.lease_local(now, &owner, k, d))
@@ -1236,12 +1246,13 @@ impl Store {
                 )
             }
             Request::Release { leases } => {
-                let mut h = holder.lock();
-                for l in leases {
-                    let _ = h.release(&owner, LeaseId(l));
-                }
+                self.release_local(&owner, leases);
                 Response::Done
             }
+            Request::Fetch { .. } => Response::Error {
+                kind: ErrorKind::Invalid,
+                message: "a fetch needs a bulk call".into(),
+            },
             Request::Contains { keys } => {
                 let h = holder.lock();
                 Response::Flags(keys.iter().map(|k| h.index().contains(k)).collect())
@@ -1304,28 +1315,54 @@ impl Store {
         resp
     }
 
-    /// Leases `key` here, promoting it from the SSD tier first if needed.
-    /// The bytes of a just-granted small object as a reply; the lease ends
-    /// once they are copied.
-    fn inline_reply(&self, owner: &PeerId, g: Grant) -> Response {
-        let Some(pool) = &self.inner.pool else {
-            return Response::Leases(vec![Ok(g)]);
-        };
-        // SAFETY: the lease keeps the object's bytes in place and unchanged
-        // (nothing frees or rewrites a leased allocation) until released below.
-        let bytes = unsafe { pool.slice(g.offset, g.len) }.map(|b| b.to_vec());
-        if let Some(h) = &self.inner.holder {
-            let _ = h.lock().release(owner, LeaseId(g.lease));
-        }
-        match bytes {
-            Ok(bytes) => Response::Inline { grant: g, bytes },
-            Err(e) => Response::Error {
-                kind: ErrorKind::Internal,
-                message: format!("pool: {e}"),
-            },
+    /// Ends leases `owner` holds here.
+    fn release_local(&self, owner: &PeerId, leases: Vec<u64>) {
+        if let (Some(h), false) = (&self.inner.holder, leases.is_empty()) {
+            let mut h = h.lock();
+            for l in leases {
+                let _ = h.release(owner, LeaseId(l));
+            }
         }
     }
 
+    /// Answers [`Request::Fetch`]: a lease, and the object's bytes sent
+    /// from the pool after the reply (the lease keeps them in place until
+    /// the client releases it, which it does once they landed).
+    fn serve_fetch(
+        &self,
+        from: EngineId,
+        key: ObjectKey,
+        d: Duration,
+        release: Vec<u64>,
+        max_len: u64,
+    ) -> Reply {
+        let resp = match (&self.inner.holder, &self.inner.pool) {
+            (Some(_), Some(pool)) => {
+                let owner = PeerId::from_bytes(&from).expect("16 bytes");
+                self.release_local(&owner, release);
+                let r = self.lease_local(Instant::now(), &owner, &key, d);
+                self.drain_holder_events();
+                match r {
+                    Ok(grant) if grant.len <= max_len => {
+                        return Reply::Bulk {
+                            head: rpc::encode(&Response::Fetched { grant }),
+                            region: pool.id(),
+                            offset: grant.offset,
+                            len: grant.len,
+                        }
+                    }
+                    r => Response::Leases(vec![r]),
+                }
+            }
+            _ => Response::Error {
+                kind: ErrorKind::Invalid,
+                message: "this peer holds no objects (client)".into(),
+            },
+        };
+        rpc::encode(&resp).into()
+    }
+
+    /// Leases `key` here, promoting it from the SSD tier first if needed.
     fn lease_local(
         &self,
         now: Instant,
@@ -1767,7 +1804,6 @@ impl Store {
                                     keys: ks,
                                     duration_ms: duration.as_millis() as u64,
                                     release: self.take_pending_release(&peer),
-                                    inline_max: 0,
                                 },
                             )
                             .await
@@ -1990,52 +2026,48 @@ impl Store {
         let mut tried: HashSet<PeerId> = HashSet::new();
         let mut damaged: Option<(PeerId, String)> = None;
         let mut last_err = None;
-        let inline_max = match dest {
-            Dest::Region(_, _, room) => room.min(INLINE_MAX),
-            Dest::Vec => INLINE_MAX,
-        };
         for _attempt in 0..MAX_GET_ATTEMPTS {
-            let Some(got) = self
-                .lease_for_get(&key, &tried, &mut damaged, inline_max)
-                .await
-            else {
+            let Some(got) = self.lease_for_get(&key, &tried, &mut damaged, dest).await else {
                 break;
             };
             let l = match got {
                 Got::Lease(l) => l,
-                Got::Bytes {
-                    holder,
-                    checksum,
+                Got::Failed { holder, error } => {
+                    tracing::warn!(%key, %holder, "fetch failed, trying another replica: {error}");
+                    tried.insert(holder);
+                    m.get_failovers.fetch_add(1, Relaxed);
+                    self.inner.loc_cache.lock().remove(&key);
+                    last_err = Some(error);
+                    continue;
+                }
+                Got::Landed {
+                    lease: l,
+                    actual,
                     bytes,
                 } => {
-                    tried.insert(holder.clone());
-                    if !checksum.matches(&bytes) {
+                    tried.insert(l.holder.clone());
+                    self.release(vec![l.clone()]);
+                    if actual != l.grant.checksum {
                         m.checksum_failures.fetch_add(1, Relaxed);
-                        tracing::warn!(%key, %holder, "inline bytes failed their checksum, trying another replica");
+                        tracing::warn!(%key, holder = %l.holder, "fetched bytes failed their checksum, trying another replica");
                         m.get_failovers.fetch_add(1, Relaxed);
                         self.inner.loc_cache.lock().remove(&key);
                         last_err = Some(Error::ChecksumMismatch {
-                            expected: checksum,
-                            actual: Checksum::compute(&bytes),
+                            expected: l.grant.checksum,
+                            actual,
                         });
                         continue;
                     }
-                    let len = bytes.len() as u64;
                     let v = match dest {
-                        Dest::Region(region, off, _) => {
-                            region
-                                .write_at(off, &bytes)
-                                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                            None
-                        }
-                        Dest::Vec => Some(bytes),
+                        Dest::Region(..) => None,
+                        Dest::Vec => Some(bytes.unwrap_or_default()),
                     };
-                    self.inner.loc_cache_insert(key, holder);
+                    self.inner.loc_cache_insert(key, l.holder);
                     m.hits.fetch_add(1, Relaxed);
                     m.inline_reads.fetch_add(1, Relaxed);
-                    m.get_bytes.fetch_add(len, Relaxed);
+                    m.get_bytes.fetch_add(l.len, Relaxed);
                     m.get_latency.observe(t0.elapsed());
-                    return Ok(Some((len, v)));
+                    return Ok(Some((l.len, v)));
                 }
             };
             tried.insert(l.holder.clone());
@@ -2230,7 +2262,7 @@ impl Store {
         key: &ObjectKey,
         skip: &HashSet<PeerId>,
         damaged: &mut Option<(PeerId, String)>,
-        inline_max: u64,
+        dest: Dest<'_>,
     ) -> Option<Got> {
         let mut asked: HashSet<PeerId> = skip.clone();
         let first: Vec<PeerId> = self
@@ -2241,7 +2273,7 @@ impl Store {
             .collect();
         for p in first {
             asked.insert(p.clone());
-            if let Some(l) = self.lease_at(&p, key, damaged, inline_max).await {
+            if let Some(l) = self.lease_at(&p, key, damaged, dest).await {
                 return Some(l);
             }
         }
@@ -2253,39 +2285,77 @@ impl Store {
             .take(3)
             .collect();
         for p in more {
-            if let Some(l) = self.lease_at(&p, key, damaged, inline_max).await {
+            if let Some(l) = self.lease_at(&p, key, damaged, dest).await {
                 return Some(l);
             }
         }
         None
     }
 
+    /// Asks one holder for `key`: a [`Request::Fetch`] whose bytes land in
+    /// `dest` with the reply where that works (links without `shm`, host
+    /// destinations), else a [`Request::Lease`].
     async fn lease_at(
         &self,
         peer: &PeerId,
         key: &ObjectKey,
         damaged: &mut Option<(PeerId, String)>,
-        inline_max: u64,
+        dest: Dest<'_>,
     ) -> Option<Got> {
         let link = self.link_of(peer).ok()?;
-        // Over shm the engine READ is a memcpy: cheaper than bytes in a reply.
-        let inline_max = if link.same_host_shm { 0 } else { inline_max };
-        let req = Request::Lease {
-            keys: vec![*key],
-            duration_ms: self.inner.cfg.lease.as_millis() as u64,
-            release: self.take_pending_release(peer),
-            inline_max: u32::try_from(inline_max).unwrap_or(u32::MAX),
+        let duration_ms = self.inner.cfg.lease.as_millis() as u64;
+        let release = self.take_pending_release(peer);
+        // Over shm the engine READ is a memcpy out of the holder's mapping:
+        // cheaper than bytes through a socket. GPU destinations take the
+        // engine's device path.
+        let fetch_into = match dest {
+            _ if link.same_host_shm => None,
+            Dest::Region(r, ..) if matches!(r.kind(), MemoryKind::Gpu { .. }) => None,
+            Dest::Region(r, off, room) => Some((Some((r, off)), room)),
+            Dest::Vec => Some((None, u64::MAX)),
         };
-        match self.call(&link, &req).await {
-            Ok(Response::Inline { grant, bytes })
-                if inline_max > 0 && bytes.len() as u64 == grant.len =>
-            {
-                Some(Got::Bytes {
-                    holder: peer.clone(),
-                    checksum: grant.checksum,
-                    bytes,
-                })
+        let resp = match fetch_into {
+            Some((region, room)) => {
+                let max_len = room.min(kvmesh_gpu::MAX_BULK_BYTES);
+                let req = Request::Fetch {
+                    key: *key,
+                    duration_ms,
+                    release,
+                    max_len,
+                };
+                match self.fetch_call(peer, &link, &req, region, max_len).await {
+                    Ok(FetchOutcome::Landed(grant, actual, bytes)) => {
+                        return Some(Got::Landed {
+                            lease: Leased {
+                                key: *key,
+                                holder: peer.clone(),
+                                len: grant.len,
+                                grant,
+                            },
+                            actual,
+                            bytes,
+                        })
+                    }
+                    Ok(FetchOutcome::Broken(error)) => {
+                        return Some(Got::Failed {
+                            holder: peer.clone(),
+                            error,
+                        })
+                    }
+                    Ok(FetchOutcome::Answer(resp)) => Ok(resp),
+                    Err(e) => Err(e),
+                }
             }
+            None => {
+                let req = Request::Lease {
+                    keys: vec![*key],
+                    duration_ms,
+                    release,
+                };
+                self.call(&link, &req).await
+            }
+        };
+        match resp {
             Ok(Response::Leases(mut g)) => match g.pop() {
                 Some(Ok(g)) => Some(Got::Lease(Leased {
                     key: *key,
@@ -2304,6 +2374,93 @@ impl Store {
                 tracing::debug!(%key, peer = %peer, "lease failed: {e}");
                 None
             }
+        }
+    }
+
+    /// Sends a [`Request::Fetch`] and lands the object's bytes in `region`
+    /// at its offset (or a new vector), checksummed piece by piece as they
+    /// land. `Err` when no answer came.
+    async fn fetch_call(
+        &self,
+        peer: &PeerId,
+        link: &Link,
+        req: &Request,
+        region: Option<(&Region, u64)>,
+        max_len: u64,
+    ) -> Result<FetchOutcome> {
+        let mut head: Option<Response> = None;
+        let mut h = ChecksumHasher::new();
+        let r = self
+            .inner
+            .engine
+            .call_bulk(
+                link.engine_peer,
+                rpc::encode(req),
+                self.inner.cfg.op_timeout,
+                &mut |bytes, len| {
+                    head = rpc::decode::<Response>(bytes).ok();
+                    let fits = matches!(&head, Some(Response::Fetched { grant })
+                        if grant.len == len && len <= max_len);
+                    fits.then_some(match region {
+                        Some((r, off)) => BulkDest::Region(r, off),
+                        None => BulkDest::Vec,
+                    })
+                },
+                &mut |piece| {
+                    h.update(piece);
+                },
+            )
+            .await;
+        let key = match req {
+            Request::Fetch { key, .. } => *key,
+            _ => return Err(Error::InvalidArgument("fetch_call needs a fetch".into())),
+        };
+        let release = |grant: Grant| {
+            self.release(vec![Leased {
+                key,
+                holder: peer.clone(),
+                len: grant.len,
+                grant,
+            }])
+        };
+        let ans = match r {
+            Ok(ans) => ans,
+            Err(e) => {
+                let e = engine_error("fetch", e);
+                if let Some(Response::Fetched { grant }) = head {
+                    release(grant);
+                    return Ok(FetchOutcome::Broken(e));
+                }
+                return Err(e);
+            }
+        };
+        let head = match head {
+            Some(h) => h,
+            None => {
+                rpc::decode::<Response>(&ans.head).map_err(|m| remote(ErrorKind::Invalid, m))?
+            }
+        };
+        match head {
+            Response::Fetched { grant } if ans.landed || (grant.len == 0 && ans.len == 0) => {
+                let bytes = ans.bytes.or_else(|| region.is_none().then(Vec::new));
+                Ok(FetchOutcome::Landed(grant, h.finalize(), bytes))
+            }
+            Response::Fetched { grant } => {
+                // The holder could not send its bytes (or sent the wrong
+                // number of them).
+                release(grant);
+                Ok(FetchOutcome::Broken(remote(
+                    ErrorKind::Internal,
+                    format!(
+                        "{} sent {} bytes for a {}-byte object",
+                        peer_id_text(peer),
+                        ans.len,
+                        grant.len
+                    ),
+                )))
+            }
+            Response::Error { kind, message } => Err(remote(kind, message)),
+            other => Ok(FetchOutcome::Answer(other)),
         }
     }
 

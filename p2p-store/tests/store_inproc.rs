@@ -383,12 +383,12 @@ async fn same_host_gets_use_the_location_table_and_never_serve_stale_bytes() {
     }
 }
 
-/// Over tcp, small objects come back inside the lease reply (one round
-/// trip, the lease already ended), larger ones through a lease and an
-/// engine READ; both give the bytes that were put, into a vector or a
-/// registered region.
+/// Over tcp a get is one round trip: the holder's reply to a fetch carries
+/// a lease and the object's bytes, sent from its pool and received straight
+/// into the destination (a vector or a registered region). A destination
+/// too small is refused, not truncated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_objects_come_inside_the_reply_over_tcp() {
+async fn gets_over_tcp_bring_the_bytes_with_the_reply() {
     init_tracing();
     let tcp = |mem, boot| {
         let mut c = config(mem, boot);
@@ -403,35 +403,45 @@ async fn small_objects_come_inside_the_reply_over_tcp() {
         .wait_for_members(1, Duration::from_secs(10))
         .await
         .unwrap();
-    let inline = || client.metrics().inline_reads.load(Relaxed);
-    let sizes = [1usize, 4096, 64 << 10, 256 << 10, (256 << 10) + 1, 1 << 20];
+    let one_trip = || client.metrics().inline_reads.load(Relaxed);
+    let sizes = [1usize, 4096, 64 << 10, (256 << 10) + 1, 1 << 20, 3 << 20];
+    let r = client
+        .engine()
+        .alloc(4 << 20, kvmesh_gpu::MemoryKind::Host)
+        .unwrap();
     for (i, &n) in sizes.iter().enumerate() {
-        let k = key(&format!("inline-{i}"));
+        let k = key(&format!("fetch-{i}"));
         client
             .put(k, &payload(i as u64, n), PutOptions::default())
             .await
             .unwrap();
-        let before = inline();
+        let before = one_trip();
         assert_eq!(
             client.get(k).await.unwrap(),
             Some(payload(i as u64, n)),
             "{n} B"
         );
-        assert_eq!(inline() - before, u64::from(n <= 256 << 10), "{n} B");
         // Into a registered region too, with room to spare.
-        let r = client
-            .engine()
-            .alloc(2 << 20, kvmesh_gpu::MemoryKind::Host)
-            .unwrap();
         assert_eq!(
-            client.get_into(k, &r, 3, 2 << 20).await.unwrap(),
+            client.get_into(k, &r, 3, 4 << 20).await.unwrap(),
             Some(n as u64)
         );
         let mut back = vec![0u8; n];
         r.read_at(3, &mut back).unwrap();
         assert_eq!(back, payload(i as u64, n), "{n} B into a region");
+        assert_eq!(one_trip() - before, 2, "{n} B: one round trip each");
+        // Too little room: a clear error, the region's bytes untouched.
+        if n > 1 {
+            let err = client.get_into(k, &r, 3, n as u64 - 1).await.unwrap_err();
+            assert!(
+                matches!(err, kvmesh_p2p_store::Error::InvalidArgument(_)),
+                "{err}"
+            );
+            r.read_at(3, &mut back).unwrap();
+            assert_eq!(back, payload(i as u64, n), "{n} B: region changed");
+        }
     }
-    // Inline replies leave no lease behind.
+    // Every lease ends.
     until("leases end", Duration::from_secs(5), || {
         holder.stats().leases == 0
     })

@@ -140,7 +140,7 @@ fn run_target(a: &Args) -> Result<()> {
     let engine = Engine::new(engine_config(a)?)?;
     let size = a.region_size.unwrap_or_else(|| needed_region(a));
     let region = engine.alloc(size, MemoryKind::Host)?;
-    engine.set_rpc_handler(Arc::new(|_, req: &[u8]| req.to_vec()));
+    engine.set_rpc_handler(Arc::new(|_, req: &[u8]| req.to_vec().into()));
     if let Some(seed) = a.fill_seed {
         let mut chunk = vec![0u8; 4 << 20];
         let mut off = 0;
