@@ -270,8 +270,11 @@ pub enum Reply {
     /// `head` (at most 1 MiB), then `len` bytes (at most 64 MiB) at
     /// `offset` of this engine's registered host region `region`. To a
     /// caller of [`Engine::call_bulk`] over TCP the bytes go from the region
-    /// to the socket without a copy (by page reference where the region is
-    /// shareable), so they may still be read after the handler returned:
+    /// to the socket with no reply buffer in between (an answer of one
+    /// 256 KiB piece from shareable memory by page reference, a larger one
+    /// copied into the socket by the serving thread, which then overlaps
+    /// with the caller's receive), so they may be read after the handler
+    /// returned:
     /// the handler must keep them in place and unchanged until the caller
     /// is done with them (under a lease the caller ends, say). A caller of
     /// [`Engine::call`] gets `head` and the bytes concatenated. Bytes that

@@ -150,7 +150,7 @@ impl Metrics {
         c(
             &mut o,
             "kvmesh_inline_reads_total",
-            "Gets whose bytes came inside the lease reply (small objects, no shm).",
+            "Gets whose bytes followed the holder's reply (one round trip; links without shm).",
             "counter",
             &self.inline_reads,
         );
