@@ -1696,7 +1696,14 @@ impl Engine {
                     len: bulk.len() as u64,
                     ..BulkAnswer::default()
                 };
-                if let Some(dest) = place(&ans.head, ans.len).filter(|_| ans.len > 0) {
+                // As on a direct connection: `place` is asked only when
+                // bytes follow.
+                let dest = if ans.len > 0 {
+                    place(&ans.head, ans.len)
+                } else {
+                    None
+                };
+                if let Some(dest) = dest {
                     let mut land = Landing::new(&sh, dest, ans.len)?;
                     let base = land.ptr();
                     for (i, piece) in bulk.chunks(crate::tcp_direct::PIECE_BYTES).enumerate() {
