@@ -182,6 +182,25 @@ impl DirectConn {
         Ok(id)
     }
 
+    /// Sends an `op` request carrying `data` and reads its answer header:
+    /// the peer's status and the payload length, at most `most` (a longer
+    /// one is a protocol error: the connection is then closed).
+    async fn exchange(
+        &mut self,
+        op: u8,
+        data: &[u8],
+        spin: Duration,
+        most: u64,
+    ) -> Result<(Option<ErrorKind>, u64), ErrorKind> {
+        let id = self.send_call(op, data).await?;
+        let (status, len) = read_answer(self.stream()?, id, op, spin).await?;
+        if len > most {
+            tracing::warn!(len, "oversized answer on a direct connection; closing it");
+            return Err(ErrorKind::Protocol);
+        }
+        Ok((status, len))
+    }
+
     fn stream(&self) -> Result<&TcpStream, ErrorKind> {
         Ok(&self.conn.as_ref().ok_or(ErrorKind::ConnectionLost)?.s)
     }
@@ -194,14 +213,8 @@ impl DirectConn {
         data: &[u8],
         spin: Duration,
     ) -> Result<Vec<u8>, ErrorKind> {
-        let id = self.send_call(op, data).await?;
-        let s = self.stream()?;
-        let (status, len) = read_answer(s, id, op, spin).await?;
-        if len > wire::MAX_CALL_BYTES {
-            tracing::warn!(len, "oversized answer on a direct connection; closing it");
-            return Err(ErrorKind::Protocol);
-        }
-        let reply = recv_vec(s, len as usize, spin).await?;
+        let (status, len) = self.exchange(op, data, spin, wire::MAX_CALL_BYTES).await?;
+        let reply = recv_vec(self.stream()?, len as usize, spin).await?;
         self.clean = true;
         status.map_or(Ok(reply), Err)
     }
@@ -215,14 +228,10 @@ impl DirectConn {
         data: &[u8],
         spin: Duration,
     ) -> Result<(Vec<u8>, u64), ErrorKind> {
-        let op = wire::OP_CALL_BULK;
-        let id = self.send_call(op, data).await?;
+        let (status, len) = self
+            .exchange(wire::OP_CALL_BULK, data, spin, wire::MAX_BULK_ANSWER)
+            .await?;
         let s = self.stream()?;
-        let (status, len) = read_answer(s, id, op, spin).await?;
-        if len > wire::MAX_BULK_ANSWER {
-            tracing::warn!(len, "oversized answer on a direct connection; closing it");
-            return Err(ErrorKind::Protocol);
-        }
         if let Some(k) = status {
             crate::rawio::discard(s, len)
                 .await

@@ -8,33 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvmesh_gpu::{
-    BulkAnswer, BulkDest, Engine, EngineConfig, ErrorKind, MemoryKind, PeerId, Region, Reply,
-    TransportKind,
+    BulkAnswer, BulkDest, Engine, ErrorKind, MemoryKind, PeerId, Region, Reply, TransportKind,
 };
+
+mod common;
+use common::{engine, pattern, rt};
 
 const T: Duration = Duration::from_secs(20);
 const SERVED: u64 = 4 << 20;
-
-fn engine(t: TransportKind) -> Engine {
-    Engine::new(EngineConfig {
-        transport: t,
-        ..EngineConfig::default()
-    })
-    .unwrap()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
-}
 
 /// A target whose handler answers "bulk OFFSET LEN HEADLEN" with that range
 /// of its served region after a head of HEADLEN pattern bytes, and anything

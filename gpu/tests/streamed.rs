@@ -7,30 +7,12 @@
 
 use std::time::Duration;
 
-use kvmesh_gpu::{Engine, EngineConfig, MemoryKind, Op, Region, RemoteRegion, TransportKind};
+use kvmesh_gpu::{Engine, MemoryKind, Op, Region, RemoteRegion, TransportKind};
+
+mod common;
+use common::{engine, pattern, rt};
 
 const T: Duration = Duration::from_secs(20);
-
-fn engine(t: TransportKind) -> Engine {
-    Engine::new(EngineConfig {
-        transport: t,
-        ..EngineConfig::default()
-    })
-    .unwrap()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
-}
 
 /// Reads `len` bytes and returns (bytes landed, bytes handed over).
 async fn read(

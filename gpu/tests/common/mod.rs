@@ -1,5 +1,5 @@
-//! Helpers for the engine's multi-process tests: a target process
-//! (`xfer-bench --mode target`) driven over its stdin/stdout.
+//! Helpers for the engine's tests: an engine, a runtime, a byte pattern, and a target process (`xfer-bench --mode
+//! target`) driven over its stdin/stdout for multi-process ones.
 
 #![allow(dead_code)]
 
@@ -8,6 +8,21 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use kvmesh_gpu::{Engine, EngineConfig, RegionDesc, TransportKind};
+
+/// A runtime for a test's async part.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `len` bytes that differ from offset to offset and by `seed`.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
 
 #[derive(Debug)]
 pub struct Target {
@@ -88,6 +103,7 @@ pub fn nix_kill(pid: i32, sig: i32) -> i32 {
     unsafe { libc::kill(pid, sig) }
 }
 
+/// An engine on `t`: 256 KiB slices, a 20 s default timeout.
 pub fn engine(t: TransportKind) -> Engine {
     Engine::new(EngineConfig {
         transport: t,
